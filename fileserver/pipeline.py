@@ -1,0 +1,142 @@
+"""The ingest pipeline: one talk event in, one object + one row out.
+
+:meth:`Ingestor.ingest` is a plain async function made of named steps::
+
+    parse -> already_ingested -> fetch -> verify_md5 -> probe -> check_duration
+          -> store -> record
+
+It raises the fileserver error tree and decides nothing about retries or dead
+letters: that is :class:`fileserver.processor.Processor`'s job. The faust agent, the
+backfill command and the tests all drive this same function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+from fileserver.errors import PermanentError, Reason
+from fileserver.events import SkippedEvent, TalkEvent, object_key, parse_event
+from fileserver.fetch import Download, Fetcher
+from fileserver.probe import AudioInfo, check_duration, probe
+from fileserver.record import SourceRecord
+from fileserver.repository import NewRecording, Repository
+from fileserver.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    """How one record ended."""
+
+    INGESTED = "ingested"
+    DUPLICATE = "duplicate"
+    SKIPPED = "skipped"
+    DEAD_LETTERED = "dead_lettered"
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one record, with what is worth logging about it."""
+
+    outcome: Outcome
+    record: SourceRecord
+    event: TalkEvent | None = None
+    md5: str | None = None
+    s3_key: str | None = None
+    audio: AudioInfo | None = None
+    reason: str | None = None
+    detail: str | None = None
+    skipped_type: int | None = None
+
+
+class Ingestor:
+    """Runs the pipeline steps for one record at a time (safe to call concurrently)."""
+
+    def __init__(
+        self, fetcher: Fetcher, store: ObjectStore, repo: Repository, *, max_duration_s: int
+    ) -> None:
+        self.fetcher = fetcher
+        self.store = store
+        self.repo = repo
+        self.max_duration_s = max_duration_s
+
+    async def ingest(self, record: SourceRecord) -> Result:
+        """Ingest one record; raises ``RetryableError`` or ``PermanentError`` on failure."""
+        parsed = parse_event(record.value)
+        if isinstance(parsed, SkippedEvent):
+            return Result(Outcome.SKIPPED, record, skipped_type=parsed.msg_type)
+        event = parsed
+        if await self.already_ingested(event):
+            return Result(Outcome.DUPLICATE, record, event=event)
+        async with self.fetcher.download(event.file_path) as download:
+            self.verify_md5(event, download)
+            audio = await self.probe(download)
+            check_duration(audio, self.max_duration_s)
+            key = await self.upload(event, download)
+            inserted = await self.record(record, event, download, audio, key)
+        outcome = Outcome.INGESTED if inserted else Outcome.DUPLICATE
+        return Result(outcome, record, event=event, md5=download.md5, s3_key=key, audio=audio)
+
+    async def already_ingested(self, event: TalkEvent) -> bool:
+        """Whether a row for this source URL exists (redeliveries skip the download)."""
+        return await self.repo.recording_md5(event.file_path) is not None
+
+    @staticmethod
+    def verify_md5(event: TalkEvent, download: Download) -> None:
+        """Compare with the sender's md5 when it sent a real digest (not ``"md5"``)."""
+        if event.sender_md5 is not None and event.sender_md5 != download.md5:
+            raise PermanentError(
+                Reason.MD5_MISMATCH,
+                f"sender md5 {event.sender_md5} != downloaded {download.md5}",
+            )
+
+    @staticmethod
+    async def probe(download: Download) -> AudioInfo:
+        """Read the file as MPEG audio (off the event loop)."""
+        return await asyncio.to_thread(probe, download.path)
+
+    async def upload(self, event: TalkEvent, download: Download) -> str:
+        """Store the file under its deterministic key; returns the key."""
+        key = object_key(event, download.md5)
+        metadata = {
+            "uid": str(event.uid),
+            "grp-id": str(event.grp_id),
+            "md5": download.md5,
+            "event-time": str(event.timestamp),
+        }
+        await self.store.put_file(key, download.path, download.md5, metadata)
+        return key
+
+    async def record(
+        self,
+        record: SourceRecord,
+        event: TalkEvent,
+        download: Download,
+        audio: AudioInfo,
+        key: str,
+    ) -> bool:
+        """Insert the metadata row; ``False`` if a concurrent delivery won the race."""
+        return await self.repo.insert_recording(
+            NewRecording(
+                uid=event.uid,
+                grp_id=event.grp_id,
+                m_type=event.m_type,
+                source_url=event.file_path,
+                source_ip=event.source_ip,
+                event_time=event.event_time,
+                md5=download.md5,
+                size_bytes=download.size,
+                duration_ms=audio.duration_ms,
+                bitrate=audio.bitrate,
+                sample_rate=audio.sample_rate,
+                channels=audio.channels,
+                s3_bucket=self.store.bucket,
+                s3_key=key,
+                kafka_topic=record.topic,
+                kafka_partition=record.partition,
+                kafka_offset=record.offset,
+            )
+        )

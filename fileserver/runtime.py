@@ -1,0 +1,187 @@
+"""The wiring layer: the only place that builds clients, pools and engines from settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import httpx
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from botocore.config import Config
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from fileserver.deadletter import KafkaDeadLetters
+from fileserver.errors import ConfigError, DependencyUnavailable
+from fileserver.fetch import Fetcher
+from fileserver.pipeline import Ingestor
+from fileserver.processor import Health, Processor
+from fileserver.repository import Repository
+from fileserver.settings import Settings, redact_url
+from fileserver.sources import SourcePolicy
+from fileserver.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything a running pipeline needs, built once."""
+
+    settings: Settings
+    fetcher: Fetcher
+    store: ObjectStore
+    repo: Repository
+    dead_letters: KafkaDeadLetters
+    ingestor: Ingestor
+    processor: Processor
+    engine: AsyncEngine
+    health: Health
+
+
+def make_s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client; retries are fileserver's own (see processor), not botocore's."""
+    config = Config(
+        max_pool_connections=max(10, settings.concurrency),
+        retries={"total_max_attempts": 1},
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
+        s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        config=config,
+    )
+
+
+def make_engine(settings: Settings) -> AsyncEngine:
+    """The async SQLAlchemy engine (psycopg 3) with a pool sized for the concurrency."""
+    return create_async_engine(
+        settings.database_url,
+        pool_size=min(20, max(2, settings.concurrency // 4)),
+        max_overflow=10,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The shared httpx client: pooled, no redirects (the fetcher checks each hop)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            settings.read_timeout_s, connect=settings.connect_timeout_s, pool=None
+        ),
+        limits=httpx.Limits(
+            max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
+        ),
+        headers={"Accept-Encoding": "identity", "User-Agent": "fileserver"},
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def make_producer(settings: Settings) -> AIOKafkaProducer:
+    """The dead-letter producer: waits for all in-sync replicas."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap.split(","),
+        acks="all",
+        client_id="fileserver-dlq",
+        request_timeout_ms=30000,
+    )
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """Build every client from ``settings``; close them all on exit."""
+    if not settings.allowed_sources:
+        raise ConfigError(
+            "FILESERVER_ALLOWED_SOURCES is empty: list the gateways (host, host:port or CIDR) "
+            "the worker may download recordings from"
+        )
+    policy = SourcePolicy(settings.allowed_sources)
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(make_http_client(settings))
+        executor = ThreadPoolExecutor(
+            max_workers=max(4, min(32, settings.concurrency)), thread_name_prefix="s3"
+        )
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        store = ObjectStore(
+            make_s3_client(settings),
+            settings.s3_bucket,
+            executor,
+            multipart_threshold=settings.multipart_threshold_bytes,
+            chunk_size=settings.multipart_chunk_bytes,
+        )
+        engine = make_engine(settings)
+        stack.push_async_callback(engine.dispose)
+        repo = Repository(engine)
+        producer = make_producer(settings)
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise DependencyUnavailable(
+                "kafka",
+                f"cannot reach FILESERVER_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}: {exc}",
+            ) from None
+        stack.push_async_callback(producer.stop)
+        dead_letters = KafkaDeadLetters(producer, settings.dlq_topic)
+        fetcher = Fetcher(
+            http,
+            policy,
+            max_bytes=settings.max_file_bytes,
+            total_timeout_s=settings.fetch_timeout_s,
+            tmp_dir=settings.tmp_dir,
+        )
+        ingestor = Ingestor(fetcher, store, repo, max_duration_s=settings.max_duration_s)
+        health = Health()
+        processor = Processor(
+            ingestor.ingest,
+            repo,
+            dead_letters,
+            source_retry_s=settings.source_retry_s,
+            health=health,
+        )
+        yield Runtime(
+            settings, fetcher, store, repo, dead_letters, ingestor, processor, engine, health
+        )
+
+
+async def preflight(runtime: Runtime) -> None:
+    """Fail fast, naming the setting to fix, when the bucket or the database is unreachable."""
+    s = runtime.settings
+    try:
+        await runtime.repo.ping()
+    except DependencyUnavailable as exc:
+        raise ConfigError(
+            f"cannot reach the database at FILESERVER_DATABASE_URL={redact_url(s.database_url)}: "
+            f"{exc.detail}"
+        ) from None
+    except Exception as exc:
+        raise ConfigError(
+            f"database at FILESERVER_DATABASE_URL={redact_url(s.database_url)} refused: {exc}"
+        ) from None
+    try:
+        await runtime.repo.check_schema()
+    except Exception as exc:
+        raise ConfigError(
+            "the database has no fileserver tables: run `fileserver migrate` "
+            f"(FILESERVER_DATABASE_URL={redact_url(s.database_url)}): {type(exc).__name__}"
+        ) from None
+    try:
+        await runtime.store.check_bucket()
+    except DependencyUnavailable as exc:
+        raise ConfigError(
+            f"cannot use bucket FILESERVER_S3_BUCKET={s.s3_bucket} at "
+            f"FILESERVER_S3_ENDPOINT_URL={s.s3_endpoint_url or '(AWS)'}: {exc.detail}"
+        ) from None
+    log.info(
+        "preflight ok: database, bucket %s and broker %s reachable", s.s3_bucket, s.kafka_bootstrap
+    )

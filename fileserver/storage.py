@@ -1,0 +1,145 @@
+"""Object storage (S3, MinIO, SeaweedFS) through boto3, off the event loop.
+
+Every upload is integrity-checked by the store: a single PUT carries ``Content-MD5``;
+a multipart upload (files above the multipart threshold) carries ``Content-MD5`` on
+each part. botocore errors are translated here into the fileserver error tree: all of
+them are systemic (:class:`DependencyUnavailable`), since no object-store failure
+says anything about the event itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from fileserver.errors import DependencyUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CONTENT_TYPE = "audio/mpeg"
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What the store says about an object."""
+
+    key: str
+    size: int
+    metadata: dict[str, str]
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+class ObjectStore:
+    """One bucket, one boto3 client (thread-safe), one bounded thread pool."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        executor: ThreadPoolExecutor,
+        *,
+        multipart_threshold: int = 16 * 1024 * 1024,
+        chunk_size: int = 8 * 1024 * 1024,
+    ) -> None:
+        self._client = client
+        self.bucket = bucket
+        self._executor = executor
+        self._threshold = multipart_threshold
+        self._chunk = chunk_size
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(fn, *args, **kwargs)
+            )
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            code = err.get("Code", "?")
+            raise DependencyUnavailable(
+                "s3", f"{code} on bucket {self.bucket!r}: {err.get('Message', '')}"
+            ) from None
+        except BotoCoreError as exc:
+            raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
+
+    async def check_bucket(self) -> None:
+        """Raise :class:`DependencyUnavailable` unless the bucket exists and is reachable."""
+        await self._run(self._client.head_bucket, Bucket=self.bucket)
+
+    async def put_file(self, key: str, path: Path, md5_hex: str, metadata: dict[str, str]) -> None:
+        """Upload ``path`` under ``key``; the store verifies every byte against its md5."""
+        size = path.stat().st_size
+        if size <= self._threshold:
+            await self._run(self._put_single, key, path, md5_hex, metadata)
+        else:
+            await self._run(self._put_multipart, key, path, metadata)
+
+    def _put_single(self, key: str, path: Path, md5_hex: str, metadata: dict[str, str]) -> None:
+        with path.open("rb") as body:
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentMD5=_b64(bytes.fromhex(md5_hex)),
+                ContentType=CONTENT_TYPE,
+                Metadata=metadata,
+            )
+
+    def _put_multipart(self, key: str, path: Path, metadata: dict[str, str]) -> None:
+        upload = self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType=CONTENT_TYPE, Metadata=metadata
+        )
+        upload_id = upload["UploadId"]
+        parts: list[dict[str, Any]] = []
+        try:
+            with path.open("rb") as f:
+                number = 1
+                while chunk := f.read(self._chunk):
+                    resp = self._client.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=chunk,
+                        ContentMD5=_b64(hashlib.md5(chunk, usedforsecurity=False).digest()),
+                    )
+                    parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+                    number += 1
+            self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except (ClientError, BotoCoreError) as exc:
+                log.warning("could not abort multipart upload of %s: %s", key, exc)
+            raise
+
+    async def head(self, key: str) -> StoredObject | None:
+        """The object's size and metadata, or ``None`` when it does not exist."""
+        return await self._run(self._head, key)
+
+    def _head(self, key: str) -> StoredObject | None:
+        try:
+            resp = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return StoredObject(key=key, size=int(resp["ContentLength"]), metadata=resp["Metadata"])
