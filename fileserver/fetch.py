@@ -111,9 +111,7 @@ class Fetcher:
                     f"timeout ({type(exc).__name__}) from {current[:200]}"
                 ) from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
-                raise SourceUnavailable(
-                    f"{type(exc).__name__}: {exc} ({current[:200]})"
-                ) from None
+                raise SourceUnavailable(f"{type(exc).__name__}: {exc} ({current[:200]})") from None
         raise PermanentError(
             Reason.SOURCE_FORBIDDEN, f"more than {MAX_REDIRECTS} redirects from {url[:200]}"
         )
