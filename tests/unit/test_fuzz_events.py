@@ -1,0 +1,205 @@
+"""Property tests of parse_event / object_key (hypothesis), > 10,000 generated cases."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from fileserver.errors import PermanentError, Reason
+from fileserver.events import (
+    BIGINT_MAX,
+    MAX_TIMESTAMP,
+    SkippedEvent,
+    TalkEvent,
+    object_key,
+    parse_event,
+)
+
+OBJECT_KEY = re.compile(r"^\d+/\d+/\d{4}/\d{2}/\d{2}/\d+-[0-9a-f]{32}\.mp3$")
+ABSENT = object()
+HEX32 = st.text(alphabet="0123456789abcdefABCDEF", min_size=32, max_size=32)
+
+FUZZ = settings(
+    deadline=None,
+    database=None,  # no .hypothesis/ directory in the work tree
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def check(value: bytes | str | None) -> TalkEvent | SkippedEvent | None:
+    """parse_event either returns an event or raises a well-formed PermanentError."""
+    try:
+        event = parse_event(value)
+    except PermanentError as exc:
+        assert exc.reason in set(Reason)
+        assert isinstance(exc.detail, str) and exc.detail.strip()
+        assert str(exc).startswith(exc.reason.value + ": ")
+        return None
+    assert isinstance(event, TalkEvent | SkippedEvent)
+    if isinstance(event, SkippedEvent):
+        assert event.msg_type in (2, 3)
+        assert event.kind in ("signal", "quality")
+    else:
+        assert 0 <= event.uid <= BIGINT_MAX
+        assert 0 <= event.grp_id <= BIGINT_MAX
+        assert 0 <= event.timestamp <= MAX_TIMESTAMP
+        assert event.file_path and event.file_path == event.file_path.strip()
+        assert event.m_type
+        assert event.sender_md5 is None or re.fullmatch(r"[0-9a-f]{32}", event.sender_md5)
+        assert event.event_time.tzinfo is not None
+    return event
+
+
+# --- arbitrary input -----------------------------------------------------------------------
+
+
+@settings(FUZZ, max_examples=3000)
+@given(st.binary(max_size=512))
+@example(b"1" * 5000)  # more digits than Python's int() accepts
+@example(b"[" * 50_000)  # deeper than the recursion limit
+@example(b'{"msg_type": 1, "ptt_msg": {"uid": 1e999}}')
+def test_arbitrary_bytes(value: bytes) -> None:
+    check(value)
+
+
+@settings(FUZZ, max_examples=1500)
+@given(st.text(max_size=256))
+def test_arbitrary_text(value: str) -> None:
+    check(value)
+    check(value.encode("utf-8", "surrogatepass"))
+
+
+# --- JSON-ish records ----------------------------------------------------------------------
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+# cheaper, non-recursive odd values for the fields themselves
+shallow = st.one_of(
+    scalars,
+    st.lists(scalars, max_size=2),
+    st.dictionaries(st.text(max_size=4), scalars, max_size=2),
+)
+
+
+def id_like(maximum: int) -> st.SearchStrategy[Any]:
+    """Values around the valid range of an id field, in every shape the parser meets."""
+    number = st.one_of(
+        st.integers(min_value=0, max_value=maximum),
+        st.integers(min_value=maximum - 3, max_value=maximum + 3),
+        st.integers(min_value=-5, max_value=5),
+        st.integers(),
+    )
+    spaces = st.sampled_from(["", " ", "\t", "\n", "\u00a0", "\u3000"])
+    decimal = st.builds(lambda a, n, b: f"{a}{n}{b}", spaces, number, spaces)
+    return st.one_of(number, decimal, shallow, st.text(alphabet="-+0123456789 .eE", max_size=25))
+
+
+md5_like = st.one_of(
+    st.just("md5"),
+    st.text(alphabet="0123456789abcdefABCDEF", min_size=30, max_size=34),
+    shallow,
+)
+url_like = st.one_of(
+    st.just("https://dev.yunptt.com:9666/room_1_user_14_1569569695.mp3"),
+    st.text(max_size=60),
+    st.integers(min_value=2040, max_value=2060).map(lambda n: "https://h/" + "a" * (n - 10)),
+    shallow,
+)
+m_type_like = st.one_of(st.just("ptt"), st.text(max_size=40), shallow)
+
+
+ptt_msgs = st.fixed_dictionaries(
+    {},
+    optional={
+        "uid": id_like(BIGINT_MAX),
+        "grp_id": id_like(BIGINT_MAX),
+        "timestamp": id_like(MAX_TIMESTAMP),
+        "md5": md5_like,
+        "file_path": url_like,
+        "m_type": m_type_like,
+    },
+)
+envelopes = st.fixed_dictionaries(
+    {},
+    optional={
+        "msg_type": st.one_of(st.sampled_from([1, 1, 1, 2, 3, "1", " 2 "]), id_like(2**31)),
+        "ip": shallow,
+        "ptt_msg": st.one_of(ptt_msgs, ptt_msgs, ptt_msgs, json_values),
+        "signal_msg": shallow,
+    },
+)
+# records shaped like Janus' (each field present or not, of any type), or any JSON at all
+records = st.one_of(envelopes, envelopes, envelopes, envelopes, json_values)
+
+
+def encode(doc: Any, as_text: bool) -> bytes | str:
+    text = json.dumps(doc, allow_nan=True)
+    return text if as_text else text.encode("utf-8", "surrogatepass")
+
+
+@settings(FUZZ, max_examples=3500)
+@given(records, st.booleans())
+def test_arbitrary_records(doc: Any, as_text: bool) -> None:
+    event = check(encode(doc, as_text))
+    if isinstance(event, TalkEvent):
+        key = object_key(event, "0123456789ABCDEF0123456789abcdef")
+        assert OBJECT_KEY.fullmatch(key)
+
+
+# --- accepted events and their object keys -------------------------------------------------
+
+
+def as_id(value: int) -> st.SearchStrategy[Any]:
+    return st.sampled_from([value, str(value), f" {value} ", f"{value}\n", f"{value:019d}"])
+
+
+@st.composite
+def valid_records(draw: st.DrawFn) -> tuple[dict[str, Any], int, int, int]:
+    uid = draw(st.integers(min_value=0, max_value=BIGINT_MAX))
+    grp_id = draw(st.integers(min_value=0, max_value=BIGINT_MAX))
+    timestamp = draw(st.integers(min_value=0, max_value=MAX_TIMESTAMP))
+    ptt: dict[str, Any] = {
+        "uid": draw(as_id(uid)),
+        "grp_id": draw(as_id(grp_id)),
+        "timestamp": draw(as_id(timestamp)),
+        "file_path": draw(st.text(min_size=1, max_size=80).filter(lambda s: s.strip())),
+    }
+    md5 = draw(st.one_of(st.just(ABSENT), st.none(), md5_like))
+    if md5 is not ABSENT:
+        ptt["md5"] = md5
+    m_type = draw(st.one_of(st.just(ABSENT), st.none(), st.text(min_size=1, max_size=32)))
+    if m_type is not ABSENT:
+        ptt["m_type"] = m_type
+    return {"msg_type": draw(st.sampled_from([1, "1", " 1"])), "ptt_msg": ptt}, uid, grp_id, timestamp
+
+
+@settings(FUZZ, max_examples=2500)
+@given(valid_records(), HEX32, st.booleans())
+def test_valid_records_are_accepted_with_a_well_formed_key(
+    generated: tuple[dict[str, Any], int, int, int], md5: str, as_text: bool
+) -> None:
+    doc, uid, grp_id, timestamp = generated
+    event = check(encode(doc, as_text))
+    assert isinstance(event, TalkEvent)
+    assert (event.uid, event.grp_id, event.timestamp) == (uid, grp_id, timestamp)
+    key = object_key(event, md5)
+    assert OBJECT_KEY.fullmatch(key)
+    assert key == object_key(event, md5.lower())  # deterministic, case-insensitive md5
+    assert key.startswith(f"{grp_id}/{uid}/{event.event_time:%Y/%m/%d}/{timestamp}-")
+    assert not math.isnan(event.event_time.timestamp())
