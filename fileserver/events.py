@@ -88,7 +88,7 @@ def parse_json(value: bytes | str | None) -> Any:
         return json.loads(text)
     except UnicodeDecodeError as exc:
         raise PermanentError(Reason.MALFORMED_JSON, f"value is not UTF-8: {exc.reason}") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers
         raise PermanentError(Reason.MALFORMED_JSON, f"value is not JSON: {exc}") from None
 
 

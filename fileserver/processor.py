@@ -137,13 +137,20 @@ class Processor:
         await self._sleep(delay)
 
     async def dead_letter(self, record: SourceRecord, reason: Reason, detail: str) -> Result:
-        """Publish the dead letter, then record the failure row; both idempotent per offset."""
+        """Publish the dead letter, then record the failure row (one row per offset).
+
+        The record is published once per call; only a crash between the publish and
+        the row can repeat it on redelivery (at-least-once on the dead-letter topic).
+        """
         attempt = 0
+        published = False
         while True:
             attempt += 1
             try:
                 if not await self._repo.has_failure(record.topic, record.partition, record.offset):
-                    await self._dead_letters.publish(record, reason.value, detail)
+                    if not published:
+                        await self._dead_letters.publish(record, reason.value, detail)
+                        published = True
                     await self._repo.insert_failure(
                         NewFailure(
                             kafka_topic=record.topic,

@@ -18,5 +18,6 @@ class RetryPolicy:
         """The pause before the next attempt; ``retry_after`` wins when given (capped)."""
         if retry_after is not None and retry_after >= 0:
             return min(retry_after, self.max_s)
-        ceiling = min(self.max_s, self.initial_s * self.multiplier ** max(0, attempt - 1))
+        exponent = min(max(0, attempt - 1), 64)  # past the cap anyway; avoids OverflowError
+        ceiling = min(self.max_s, self.initial_s * self.multiplier**exponent)
         return random.uniform(ceiling / 2, ceiling)

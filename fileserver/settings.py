@@ -6,6 +6,8 @@ S3 credentials come from boto3's own chain (``AWS_ACCESS_KEY_ID``, profiles, rol
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -38,6 +40,8 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{PREFIX}{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{PREFIX}{name}={raw!r} must be a finite number")
     if value < minimum:
         raise ConfigError(f"{PREFIX}{name}={value} must be >= {minimum}")
     return value
@@ -46,6 +50,26 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(PREFIX + name)
     return default if raw is None or raw.strip() == "" else raw.strip()
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _str(env, name, "").lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{PREFIX}{name}={raw!r} must be true or false")
+
+
+def _level(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = _str(env, name, default).upper()
+    if raw not in logging.getLevelNamesMapping():
+        raise ConfigError(
+            f"{PREFIX}{name}={raw!r} is not a log level (DEBUG, INFO, WARNING, ERROR)"
+        )
+    return raw
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:
@@ -135,8 +159,8 @@ class Settings:
             ),
             tmp_dir=_opt(e, "TMP_DIR"),
             web_port=_int(e, "WEB_PORT", d.web_port, 0),
-            web_enabled=_str(e, "WEB_ENABLED", "false").lower() in ("1", "true", "yes", "on"),
-            log_level=_str(e, "LOG_LEVEL", d.log_level).upper(),
+            web_enabled=_bool(e, "WEB_ENABLED", d.web_enabled),
+            log_level=_level(e, "LOG_LEVEL", d.log_level),
             commit_interval_s=_float(e, "COMMIT_INTERVAL_S", d.commit_interval_s, 0.05),
             session_timeout_s=_float(e, "SESSION_TIMEOUT_S", d.session_timeout_s, 1.0),
             rebalance_timeout_s=_float(e, "REBALANCE_TIMEOUT_S", d.rebalance_timeout_s, 1.0),

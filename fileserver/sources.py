@@ -110,6 +110,8 @@ class SourcePolicy:
 
     def check_address(self, address: IPAddress, port: int, host: str | None = None) -> bool:
         """Whether a resolved address may be connected to (host given for name entries)."""
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
         for entry in self._entries:
             if entry.port is not None and entry.port != port:
                 continue

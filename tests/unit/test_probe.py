@@ -8,6 +8,7 @@ import random
 import struct
 import wave
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mutagen.mp3 import MP3
@@ -41,7 +42,8 @@ def wav_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
         w.setframerate(rate)
         w.writeframes(
             struct.pack(
-                f"<{frames}h", *(int(8000 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(frames))
+                f"<{frames}h",
+                *(int(8000 * math.sin(2 * math.pi * 440 * i / rate)) for i in range(frames)),
             )
         )
     return buf.getvalue()
@@ -61,7 +63,17 @@ def wav_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
         (dict(sample_rate=16000, channels=1, bitrate_kbps=24, id3=True), 16000, 1, 3000, 3150),
         (dict(sample_rate=44100, channels=2, vbr=True, id3=True), 44100, 2, 2950, 3150),
     ],
-    ids=["cbr-16k-mono", "vbr-44k-stereo", "8k-16kbps", "8k-24kbps", "48k", "22k-stereo", "32k", "id3", "vbr-id3"],
+    ids=[
+        "cbr-16k-mono",
+        "vbr-44k-stereo",
+        "8k-16kbps",
+        "8k-24kbps",
+        "48k",
+        "22k-stereo",
+        "32k",
+        "id3",
+        "vbr-id3",
+    ],
 )
 def test_probe_valid(
     tmp_path: Path,
@@ -89,7 +101,8 @@ def test_cbr_duration_and_bitrate(tmp_path: Path, cbr16k: bytes) -> None:
 
 def test_vbr_duration_is_counted_not_estimated(tmp_path: Path) -> None:
     path = write(tmp_path, make_mp3(3.0, sample_rate=44100, channels=2, vbr=True))
-    mutagen_ms = MP3(path).info.length * 1000  # type: ignore[no-untyped-call]
+    audio: Any = MP3(path)  # type: ignore[no-untyped-call]
+    mutagen_ms = audio.info.length * 1000
     info = probe(path)
     assert mutagen_ms < 1500  # without a Xing header mutagen reads the first frame only
     assert abs(info.duration_ms - 3000) <= 150
