@@ -92,7 +92,10 @@ async def read_all(bootstrap: str, topic: str, timeout_ms: int = 3000) -> list[A
         await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
         records: list[Any] = []
-        while any(await consumer.position(tp) < end[tp] for tp in tps):
+        while True:
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
+                break
             batch = await consumer.getmany(timeout_ms=timeout_ms)
             if not batch:
                 break

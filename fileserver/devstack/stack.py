@@ -6,8 +6,6 @@ The dev command, the test suite and the benchmark all describe their servers wit
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import subprocess
@@ -78,28 +76,12 @@ class StackConfig:
         )
 
 
-async def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 1) -> None:
-    """Create topics (already existing ones are fine) with any Kafka-protocol broker."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap.split(","))
-    await admin.start()
-    try:
-        for name in names:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [NewTopic(name, num_partitions=partitions, replication_factor=1)]
-                )
-    finally:
-        await admin.close()
-
-
 def prepare(stack: StackConfig, *, partitions: int = 1) -> None:
     """Create the topics and the bucket and migrate the database."""
+    from fileserver.devstack.servers import create_topics
     from fileserver.migrate import upgrade
 
-    asyncio.run(create_topics(stack.kafka_bootstrap, [stack.topic, stack.dlq_topic], partitions))
+    create_topics(stack.kafka_bootstrap, [stack.topic, stack.dlq_topic], partitions)
     s3 = stack.s3_client()
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     if stack.bucket not in existing:
