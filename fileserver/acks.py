@@ -59,6 +59,13 @@ class OrderedAcks(Generic[T]):
         self._count -= dropped
         return dropped
 
+    def clear(self) -> list[T]:
+        """Forget every partition; returns every unreleased token."""
+        tokens = [entry[0] for queue in self._partitions.values() for entry in queue.values()]
+        self._partitions.clear()
+        self._count = 0
+        return tokens  # type: ignore[return-value]
+
     def waiting(self, partition: Hashable) -> int:
         """Events of ``partition`` not yet released."""
         return len(self._partitions.get(partition, ()))

@@ -1,9 +1,13 @@
 """Downloading a recording: streamed into a temporary file while hashing.
 
-Never holds the file in memory, enforces the size cap on ``Content-Length`` and on
-the bytes actually read, follows at most :data:`MAX_REDIRECTS` redirects (each one
-re-checked by the :class:`~fileserver.sources.SourcePolicy`), and always removes the
-temporary file. httpx errors are translated here into the fileserver error tree.
+Every hop (the URL, then each redirect, at most :data:`MAX_REDIRECTS`) is checked by the
+:class:`~fileserver.sources.SourcePolicy`; its host name is resolved **once** by the
+injected resolver, every address is checked, and the request goes to a checked address
+(URL host rewritten to the IP, ``Host`` header and TLS SNI/verification on the original
+name), so a DNS answer cannot change between check and connect. Never holds the file in
+memory, enforces the size cap on ``Content-Length`` and on the bytes actually read, bounds
+the whole download (lookups included) by a total timeout, and always removes the temporary
+file. httpx errors are translated here into the fileserver error tree.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -24,11 +29,20 @@ from urllib.parse import urljoin
 import httpx
 
 from fileserver.errors import PermanentError, Reason, SourceUnavailable
-from fileserver.sources import SourcePolicy
+from fileserver.resolve import Resolver, system_resolver
+from fileserver.sources import (
+    DEFAULT_PORTS,
+    IPAddress,
+    Source,
+    SourcePolicy,
+    display_url,
+    forbidden,
+)
 
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
 _RETRYABLE_STATUS = {408, 425, 429}
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,30}")
 
 
 @dataclass(frozen=True)
@@ -54,8 +68,26 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class _Hop:
+    """One checked hop: where to connect and what to send there."""
+
+    source: Source
+    url: httpx.URL
+    addresses: list[IPAddress]
+    host_header: str
+    sni_hostname: str | None
+
+    def request_url(self, address: IPAddress) -> httpx.URL:
+        return self.url.copy_with(host=str(address))
+
+
 class Fetcher:
-    """Fetches recordings with one shared :class:`httpx.AsyncClient`."""
+    """Fetches recordings with one shared :class:`httpx.AsyncClient`.
+
+    ``resolver`` (default :func:`~fileserver.resolve.system_resolver`) is called once per
+    hop whose host is a name; tests inject one mapping made-up names to addresses.
+    """
 
     def __init__(
         self,
@@ -65,12 +97,16 @@ class Fetcher:
         max_bytes: int,
         total_timeout_s: float,
         tmp_dir: str | None = None,
+        resolver: Resolver | None = None,
+        max_redirects: int = MAX_REDIRECTS,
     ) -> None:
         self._client = client
         self._policy = policy
         self._max_bytes = max_bytes
         self._total_timeout_s = total_timeout_s
         self._tmp_dir = tmp_dir
+        self._resolver: Resolver = resolver or system_resolver
+        self._max_redirects = max_redirects
 
     @asynccontextmanager
     async def download(self, url: str) -> AsyncIterator[Download]:
@@ -85,7 +121,7 @@ class Fetcher:
                 except TimeoutError:
                     raise SourceUnavailable(
                         f"download took longer than FILESERVER_FETCH_TIMEOUT_S="
-                        f"{self._total_timeout_s:g}s: {url[:200]}"
+                        f"{self._total_timeout_s:g}s: {display_url(url)}"
                     ) from None
             yield Download(path=path, size=size, md5=md5, url=final_url)
         finally:
@@ -94,46 +130,110 @@ class Fetcher:
 
     async def _fetch(self, url: str, sink: BinaryIO) -> tuple[int, str, str]:
         current = url
-        for _hop in range(MAX_REDIRECTS + 1):
-            self._policy.check(current)
+        for _hop in range(self._max_redirects + 1):
+            hop = await self._check_hop(current)
             try:
-                async with self._client.stream("GET", current, follow_redirects=False) as resp:
+                resp = await self._send(hop)
+                try:
                     if resp.is_redirect:
                         location = resp.headers.get("location")
                         if not location:
-                            raise SourceUnavailable(f"HTTP {resp.status_code} without Location")
+                            raise SourceUnavailable(
+                                f"HTTP {resp.status_code} without Location: {display_url(current)}"
+                            )
                         current = urljoin(current, location)
                         continue
                     self._check_status(resp, current)
                     return await self._stream_body(resp, sink, current)
+                finally:
+                    await resp.aclose()  # a redirect's or error's body is never read
             except httpx.TimeoutException as exc:
                 raise SourceUnavailable(
-                    f"timeout ({type(exc).__name__}) from {current[:200]}"
+                    f"timeout ({type(exc).__name__}) from {display_url(current)}"
                 ) from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
-                raise SourceUnavailable(f"{type(exc).__name__}: {exc} ({current[:200]})") from None
+                raise SourceUnavailable(
+                    f"{type(exc).__name__}: {display_url(str(exc))} ({display_url(current)})"
+                ) from None
         raise PermanentError(
-            Reason.SOURCE_FORBIDDEN, f"more than {MAX_REDIRECTS} redirects from {url[:200]}"
+            Reason.SOURCE_FORBIDDEN,
+            f"more than {self._max_redirects} redirects from {display_url(url)}",
         )
+
+    async def _check_hop(self, url: str) -> _Hop:
+        """Check ``url`` with the policy, resolve its host once, check every address."""
+        source = self._policy.check(url)
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise forbidden(url, f"not a valid URL ({exc})") from None
+        parsed_port = parsed.port or DEFAULT_PORTS.get(parsed.scheme, -1)
+        if (
+            parsed.scheme != source.scheme
+            or parsed.host.lower().rstrip(".") != source.host
+            or parsed_port != source.port
+            or parsed.userinfo
+        ):  # the check and the request must agree on the target
+            raise forbidden(url, "URL is ambiguous (parsers disagree on its host)")
+        if source.address is not None:
+            addresses = [source.address]
+        else:
+            try:
+                resolved = await self._resolver(source.host, source.port)
+            except (OSError, UnicodeError) as exc:
+                raise SourceUnavailable(
+                    f"cannot resolve {source.host}: {exc} ({display_url(url)})"
+                ) from None
+            addresses = self._policy.check_resolved(source, resolved)
+        host = f"[{source.host}]" if ":" in source.host else source.host
+        default_port = source.port == DEFAULT_PORTS[source.scheme]
+        return _Hop(
+            source=source,
+            url=parsed.copy_with(fragment=None),
+            addresses=addresses,
+            host_header=host if default_port else f"{host}:{source.port}",
+            sni_hostname=source.host
+            if source.scheme == "https" and source.address is None
+            else None,
+        )
+
+    async def _send(self, hop: _Hop) -> httpx.Response:
+        """Send the GET to the first checked address that accepts a connection."""
+        extensions = {"sni_hostname": hop.sni_hostname} if hop.sni_hostname else {}
+        for i, address in enumerate(hop.addresses):
+            request = self._client.build_request(
+                "GET",
+                hop.request_url(address),
+                headers={"Host": hop.host_header},
+                extensions=extensions,
+            )
+            try:
+                return await self._client.send(request, stream=True, follow_redirects=False)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if i == len(hop.addresses) - 1:
+                    raise
+        raise AssertionError("check_resolved never returns an empty list")  # pragma: no cover
 
     def _check_status(self, resp: httpx.Response, url: str) -> None:
         status = resp.status_code
         if status == 200:
             return
+        where = display_url(url)
         if status in (404, 410):
-            raise PermanentError(Reason.SOURCE_NOT_FOUND, f"HTTP {status} from {url[:200]}")
+            raise PermanentError(Reason.SOURCE_NOT_FOUND, f"HTTP {status} from {where}")
         if status >= 500 or status in _RETRYABLE_STATUS:
             raise SourceUnavailable(
-                f"HTTP {status} from {url[:200]}",
+                f"HTTP {status} from {where}",
                 retry_after=_retry_after(resp.headers.get("retry-after")),
             )
-        raise PermanentError(Reason.SOURCE_UNAVAILABLE, f"HTTP {status} from {url[:200]}")
+        raise PermanentError(Reason.SOURCE_UNAVAILABLE, f"HTTP {status} from {where}")
 
     async def _stream_body(
         self, resp: httpx.Response, sink: BinaryIO, url: str
     ) -> tuple[int, str, str]:
-        length = resp.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self._max_bytes:
+        header = resp.headers.get("content-length", "").strip()
+        length = int(header) if _CONTENT_LENGTH.fullmatch(header) else None
+        if length is not None and length > self._max_bytes:
             raise PermanentError(
                 Reason.TOO_LARGE,
                 f"Content-Length {length} exceeds FILESERVER_MAX_FILE_BYTES={self._max_bytes}",
@@ -150,6 +250,8 @@ class Fetcher:
                 )
             digest.update(chunk)
             write(chunk)
-        if length is not None and length.isdigit() and int(length) != size:
-            raise SourceUnavailable(f"body ended after {size} of {length} bytes: {url[:200]}")
+        if length is not None and length != size:
+            raise SourceUnavailable(
+                f"body ended after {size} of {length} bytes: {display_url(url)}"
+            )
         return size, digest.hexdigest(), url

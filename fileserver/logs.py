@@ -1,25 +1,119 @@
-"""Logging set-up for the commands: readable on a terminal, one JSON object per line otherwise."""
+"""Logging set-up for the commands: readable on a terminal, one JSON object per line otherwise.
+
+Every record is scrubbed of secrets before it is written: the password of any
+``scheme://user:password@host`` URL in the message or the exception text, and the
+values of the secret environment variables (:data:`SECRET_ENV_VARS`). The scrubbing
+is done by :class:`SecretFilter` on fileserver's handler *and* by a log-record factory
+(:func:`install_scrubbing`), so it survives libraries (faust's worker) that replace the
+root handlers.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import Any
+
+# scheme://user:password@ -> scheme://user:***@ (the password may itself contain '@')
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+._-]*://[^\s/?#:@]*):[^\s/?#]*@")
+SECRET_ENV_VARS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "FILESERVER_KAFKA_SASL_PASSWORD",
+    "FILESERVER_KAFKA_SSL_KEY_PASSWORD",
+)
+_MIN_SECRET_LENGTH = 4  # shorter values would blank out ordinary words
+_secrets: set[str] = set()
+_SCRUBBED = "_fileserver_scrubbed"
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with URL passwords and the given (and registered) secret values masked."""
+    if "://" in text:
+        text = _USERINFO.sub(r"\g<head>:***@", text)
+    for secret in sorted({*_secrets, *secrets}, key=len, reverse=True):
+        if len(secret) >= _MIN_SECRET_LENGTH and secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Mask these exact values in every later log record (passwords, keys)."""
+    _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET_LENGTH)
+
+
+def scrub_record(record: logging.LogRecord) -> logging.LogRecord:
+    """Scrub a record's message, exception and stack text in place (idempotent)."""
+    if getattr(record, _SCRUBBED, False):
+        return record
+    try:
+        message = record.getMessage()
+    except Exception:  # a broken %-format: let the handler report it as usual
+        return record
+    clean = scrub(message)
+    if clean != message or record.args:
+        record.msg, record.args = clean, None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = scrub(record.exc_text)
+    if record.stack_info:
+        record.stack_info = scrub(record.stack_info)
+    setattr(record, _SCRUBBED, True)
+    return record
+
+
+class SecretFilter(logging.Filter):
+    """A handler/logger filter that scrubs secrets from every record (never drops one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        scrub_record(record)
+        return True
+
+
+_installed_factory: Callable[..., logging.LogRecord] | None = None
+
+
+def install_scrubbing() -> None:
+    """Scrub every record at creation, whichever handlers are configured later."""
+    global _installed_factory
+    current = logging.getLogRecordFactory()
+    if current is _installed_factory:
+        return
+    previous = current
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        return scrub_record(previous(*args, **kwargs))
+
+    _installed_factory = factory
+    logging.setLogRecordFactory(factory)
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line."""
+    """One JSON object per log line; a record's ``extra={"fields": {...}}`` become keys."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                doc.setdefault(str(key), scrub(value) if isinstance(value, str) else value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exc"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = record.stack_info
         return json.dumps(doc, ensure_ascii=False)
 
 
@@ -27,7 +121,10 @@ def configure(level: str = "INFO", *, json_lines: bool | None = None) -> None:
     """Configure the root logger once; JSON lines when stderr is not a terminal."""
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
+    register_secrets(os.environ.get(name) for name in SECRET_ENV_VARS)
+    install_scrubbing()
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(SecretFilter())
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:

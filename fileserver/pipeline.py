@@ -20,6 +20,7 @@ from enum import StrEnum
 from fileserver.errors import PermanentError, Reason
 from fileserver.events import SkippedEvent, TalkEvent, object_key, parse_event
 from fileserver.fetch import Download, Fetcher
+from fileserver.metrics import Metrics, get_metrics
 from fileserver.probe import AudioInfo, check_duration, probe
 from fileserver.record import SourceRecord
 from fileserver.repository import NewRecording, Repository
@@ -56,12 +57,19 @@ class Ingestor:
     """Runs the pipeline steps for one record at a time (safe to call concurrently)."""
 
     def __init__(
-        self, fetcher: Fetcher, store: ObjectStore, repo: Repository, *, max_duration_s: int
+        self,
+        fetcher: Fetcher,
+        store: ObjectStore,
+        repo: Repository,
+        *,
+        max_duration_s: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.store = store
         self.repo = repo
         self.max_duration_s = max_duration_s
+        self.metrics = metrics or get_metrics()
 
     async def ingest(self, record: SourceRecord) -> Result:
         """Ingest one record; raises ``RetryableError`` or ``PermanentError`` on failure."""
@@ -71,12 +79,19 @@ class Ingestor:
         event = parsed
         if await self.already_ingested(event):
             return Result(Outcome.DUPLICATE, record, event=event)
+        metrics = self.metrics
+        fetching = metrics.stopwatch()
         async with self.fetcher.download(event.file_path) as download:
+            metrics.fetched(download.size, fetching.elapsed())
             self.verify_md5(event, download)
-            audio = await self.probe(download)
+            with metrics.stage("probe"):
+                audio = await self.probe(download)
             check_duration(audio, self.max_duration_s)
-            key = await self.upload(event, download)
-            inserted = await self.record(record, event, download, audio, key)
+            with metrics.stage("upload"):
+                key = await self.upload(event, download)
+            metrics.uploaded(download.size)
+            with metrics.stage("record"):
+                inserted = await self.record(record, event, download, audio, key)
         outcome = Outcome.INGESTED if inserted else Outcome.DUPLICATE
         return Result(outcome, record, event=event, md5=download.md5, s3_key=key, audio=audio)
 

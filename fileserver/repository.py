@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -58,6 +58,33 @@ class NewFailure:
     detail: str
     source_url: str | None
     payload: bytes | None
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    """A row of ``ingest_failures``."""
+
+    id: int
+    kafka_topic: str
+    kafka_partition: int
+    kafka_offset: int
+    reason: str
+    detail: str
+    source_url: str | None
+    payload: bytes | None
+    failed_at: datetime
+
+
+@dataclass(frozen=True)
+class FailureFilter:
+    """Which dead letters to select (every field optional)."""
+
+    reasons: tuple[str, ...] = ()
+    topic: str | None = None
+    partitions: tuple[int, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int | None = None
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:
@@ -120,6 +147,41 @@ class Repository:
             IngestFailure.kafka_offset == offset,
         )
         return bool(await self._execute(stmt, write=False))
+
+    async def list_failures(self, where: FailureFilter) -> list[FailureRow]:
+        """Dead letters matching ``where``, oldest first."""
+        stmt = select(IngestFailure.__table__).order_by(IngestFailure.id)
+        if where.reasons:
+            stmt = stmt.where(IngestFailure.reason.in_(where.reasons))
+        if where.topic is not None:
+            stmt = stmt.where(IngestFailure.kafka_topic == where.topic)
+        if where.partitions:
+            stmt = stmt.where(IngestFailure.kafka_partition.in_(where.partitions))
+        if where.since is not None:
+            stmt = stmt.where(IngestFailure.failed_at >= where.since)
+        if where.until is not None:
+            stmt = stmt.where(IngestFailure.failed_at < where.until)
+        if where.limit is not None:
+            stmt = stmt.limit(where.limit)
+        rows = await self._execute(stmt, write=False)
+        return [FailureRow(**row._mapping) for row in rows]
+
+    async def delete_failure(self, failure_id: int) -> None:
+        """Remove a dead letter (its event now has a row)."""
+        await self._execute(
+            delete(IngestFailure).where(IngestFailure.id == failure_id).returning(IngestFailure.id),
+            write=True,
+        )
+
+    async def update_failure(self, failure_id: int, reason: str, detail: str) -> None:
+        """Record a dead letter's newest reason after it failed again."""
+        await self._execute(
+            update(IngestFailure)
+            .where(IngestFailure.id == failure_id)
+            .values(reason=reason, detail=detail, failed_at=func.now())
+            .returning(IngestFailure.id),
+            write=True,
+        )
 
     async def recording_md5(self, source_url: str) -> str | None:
         """The md5 of the recording ingested from ``source_url``, if there is one."""

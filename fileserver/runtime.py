@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import boto3
 import httpx
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
 from botocore.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -20,8 +23,9 @@ from fileserver.deadletter import KafkaDeadLetters
 from fileserver.errors import ConfigError, DependencyUnavailable
 from fileserver.fetch import Fetcher
 from fileserver.pipeline import Ingestor
-from fileserver.processor import Health, Processor
+from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.repository import Repository
+from fileserver.resolve import system_resolver
 from fileserver.settings import Settings, redact_url
 from fileserver.sources import SourcePolicy
 from fileserver.storage import ObjectStore
@@ -58,6 +62,7 @@ def make_s3_client(settings: Settings) -> Any:
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.s3_region,
         config=config,
+        verify=settings.s3_verify,  # True, False or a CA bundle path (FILESERVER_S3_VERIFY)
     )
 
 
@@ -84,15 +89,78 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         headers={"Accept-Encoding": "identity", "User-Agent": "fileserver"},
         follow_redirects=False,
         trust_env=False,
+        # sources cannot plant cookies in the shared client (memory, cross-event state)
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
+
+
+def kafka_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for the brokers (SSL / SASL_SSL), verifying their host names."""
+    if not settings.kafka_security_protocol.endswith("SSL"):
+        return None
+    context: ssl.SSLContext = create_ssl_context(
+        cafile=settings.kafka_ssl_cafile,
+        certfile=settings.kafka_ssl_certfile,
+        keyfile=settings.kafka_ssl_keyfile,
+        password=settings.kafka_ssl_key_password,
+    )
+    return context
+
+
+def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
+    """Connection options shared by every aiokafka client fileserver builds."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": [
+            hp.strip() for hp in settings.kafka_bootstrap.split(",") if hp.strip()
+        ],
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    context = kafka_ssl_context(settings)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
+        kwargs["sasl_plain_password"] = settings.kafka_sasl_password
+    return kwargs
+
+
+def faust_broker_credentials(settings: Settings) -> Any:
+    """The same Kafka security options as faust ``broker_credentials`` (None: plaintext)."""
+    import faust
+
+    context = kafka_ssl_context(settings)
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            ssl_context=context,
+            mechanism=settings.kafka_sasl_mechanism,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
     """The dead-letter producer: waits for all in-sync replicas."""
     return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap.split(","),
+        **kafka_client_kwargs(settings),
         acks="all",
         client_id="fileserver-dlq",
+        request_timeout_ms=30000,
+    )
+
+
+def make_reader(settings: Settings, *, client_id: str = "fileserver-backfill") -> AIOKafkaConsumer:
+    """A group-less consumer (``assign`` + ``seek``): joins no group, commits nothing."""
+    return AIOKafkaConsumer(
+        **kafka_client_kwargs(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id=client_id,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
         request_timeout_ms=30000,
     )
 
@@ -139,6 +207,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             max_bytes=settings.max_file_bytes,
             total_timeout_s=settings.fetch_timeout_s,
             tmp_dir=settings.tmp_dir,
+            resolver=system_resolver,
         )
         ingestor = Ingestor(fetcher, store, repo, max_duration_s=settings.max_duration_s)
         health = Health()
@@ -148,6 +217,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             dead_letters,
             source_retry_s=settings.source_retry_s,
             health=health,
+            breaker=DeadLetterLimit(settings.dlq_max_consecutive, settings.dlq_breaker_cooldown_s),
         )
         yield Runtime(
             settings, fetcher, store, repo, dead_letters, ingestor, processor, engine, health

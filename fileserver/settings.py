@@ -82,6 +82,28 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SECRET_FIELDS = frozenset({"kafka_sasl_password", "kafka_ssl_key_password"})
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = _str(env, name, default).upper()
+    if raw not in choices:
+        raise ConfigError(f"{PREFIX}{name}={raw!r} must be one of {', '.join(choices)}")
+    return raw
+
+
+def _verify(env: Mapping[str, str], name: str) -> bool | str:
+    """``true`` (default), ``false``, or the path of a CA bundle."""
+    raw = _str(env, name, "")
+    if raw.lower() in ("", "1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    return raw
+
+
 def redact_url(url: str) -> str:
     """Hide the password of a URL such as a database DSN."""
     try:
@@ -100,6 +122,14 @@ class Settings:
     """Every knob of the worker and the commands; see the README's settings table."""
 
     kafka_bootstrap: str = "localhost:9092"
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_ssl_key_password: str | None = field(default=None, repr=False)
     topic: str = "janus-events"
     group_id: str = "fileserver"
     dlq_topic: str = "fileserver-dlq"
@@ -109,10 +139,14 @@ class Settings:
     s3_endpoint_url: str | None = None
     s3_bucket: str = "ptt-recordings"
     s3_region: str | None = None
+    s3_verify: bool | str = True
     allowed_sources: tuple[str, ...] = ()
     max_file_bytes: int = 64 * 1024 * 1024
     max_duration_s: int = 600
     source_retry_s: float = 300.0
+    dlq_max_consecutive: int = 100
+    dlq_breaker_cooldown_s: float = 60.0
+    shutdown_grace_s: float = 30.0
     concurrency: int = 64
     max_pending: int = 4096
     connect_timeout_s: float = 5.0
@@ -123,6 +157,8 @@ class Settings:
     tmp_dir: str | None = None
     web_port: int = 6066
     web_enabled: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9108
     log_level: str = "INFO"
     commit_interval_s: float = 1.0
     session_timeout_s: float = 30.0
@@ -135,6 +171,18 @@ class Settings:
         d = cls()
         settings = cls(
             kafka_bootstrap=_str(e, "KAFKA_BOOTSTRAP", d.kafka_bootstrap),
+            kafka_security_protocol=_choice(
+                e, "KAFKA_SECURITY_PROTOCOL", d.kafka_security_protocol, KAFKA_SECURITY_PROTOCOLS
+            ),
+            kafka_sasl_mechanism=_choice(
+                e, "KAFKA_SASL_MECHANISM", d.kafka_sasl_mechanism, KAFKA_SASL_MECHANISMS
+            ),
+            kafka_sasl_username=_opt(e, "KAFKA_SASL_USERNAME"),
+            kafka_sasl_password=e.get(PREFIX + "KAFKA_SASL_PASSWORD") or None,
+            kafka_ssl_cafile=_opt(e, "KAFKA_SSL_CAFILE"),
+            kafka_ssl_certfile=_opt(e, "KAFKA_SSL_CERTFILE"),
+            kafka_ssl_keyfile=_opt(e, "KAFKA_SSL_KEYFILE"),
+            kafka_ssl_key_password=e.get(PREFIX + "KAFKA_SSL_KEY_PASSWORD") or None,
             topic=_str(e, "TOPIC", d.topic),
             group_id=_str(e, "GROUP_ID", d.group_id),
             dlq_topic=_str(e, "DLQ_TOPIC", d.dlq_topic),
@@ -142,10 +190,16 @@ class Settings:
             s3_endpoint_url=_opt(e, "S3_ENDPOINT_URL"),
             s3_bucket=_str(e, "S3_BUCKET", d.s3_bucket),
             s3_region=_opt(e, "S3_REGION"),
+            s3_verify=_verify(e, "S3_VERIFY"),
             allowed_sources=_list(e, "ALLOWED_SOURCES"),
             max_file_bytes=_int(e, "MAX_FILE_BYTES", d.max_file_bytes, 1),
             max_duration_s=_int(e, "MAX_DURATION_S", d.max_duration_s, 1),
             source_retry_s=_float(e, "SOURCE_RETRY_S", d.source_retry_s),
+            dlq_max_consecutive=_int(e, "DLQ_MAX_CONSECUTIVE", d.dlq_max_consecutive, 0),
+            dlq_breaker_cooldown_s=_float(
+                e, "DLQ_BREAKER_COOLDOWN_S", d.dlq_breaker_cooldown_s, 0.1
+            ),
+            shutdown_grace_s=_float(e, "SHUTDOWN_GRACE_S", d.shutdown_grace_s),
             concurrency=_int(e, "CONCURRENCY", d.concurrency, 1),
             max_pending=_int(e, "MAX_PENDING", d.max_pending, 1),
             connect_timeout_s=_float(e, "CONNECT_TIMEOUT_S", d.connect_timeout_s, 0.1),
@@ -160,6 +214,8 @@ class Settings:
             tmp_dir=_opt(e, "TMP_DIR"),
             web_port=_int(e, "WEB_PORT", d.web_port, 0),
             web_enabled=_bool(e, "WEB_ENABLED", d.web_enabled),
+            metrics_host=_str(e, "METRICS_HOST", d.metrics_host),
+            metrics_port=_int(e, "METRICS_PORT", d.metrics_port, 0),
             log_level=_level(e, "LOG_LEVEL", d.log_level),
             commit_interval_s=_float(e, "COMMIT_INTERVAL_S", d.commit_interval_s, 0.05),
             session_timeout_s=_float(e, "SESSION_TIMEOUT_S", d.session_timeout_s, 1.0),
@@ -181,11 +237,56 @@ class Settings:
             raise ConfigError(
                 f"{PREFIX}MULTIPART_CHUNK_BYTES must be <= {PREFIX}MULTIPART_THRESHOLD_BYTES"
             )
+        if self.metrics_port > 65535:
+            raise ConfigError(f"{PREFIX}METRICS_PORT={self.metrics_port} is not a TCP port")
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        """Kafka SASL/SSL and S3 TLS settings: complete, consistent, files present."""
+        protocol = self.kafka_security_protocol
+        if protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ConfigError(f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol!r} is not supported")
+        if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+            raise ConfigError(
+                f"{PREFIX}KAFKA_SASL_MECHANISM must be one of {KAFKA_SASL_MECHANISMS}"
+            )
+        sasl = protocol.startswith("SASL_")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ConfigError(
+                f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} needs "
+                f"{PREFIX}KAFKA_SASL_USERNAME and {PREFIX}KAFKA_SASL_PASSWORD"
+            )
+        if not sasl and (self.kafka_sasl_username or self.kafka_sasl_password):
+            raise ConfigError(
+                f"{PREFIX}KAFKA_SASL_USERNAME/_PASSWORD are set but "
+                f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL"
+            )
+        files = {
+            "KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+        }
+        if not protocol.endswith("SSL") and (any(files.values()) or self.kafka_ssl_key_password):
+            raise ConfigError(
+                f"{PREFIX}KAFKA_SSL_* are set but {PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} "
+                "does not use TLS (use SSL or SASL_SSL)"
+            )
+        if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
+            raise ConfigError(f"{PREFIX}KAFKA_SSL_KEYFILE needs {PREFIX}KAFKA_SSL_CERTFILE")
+        if isinstance(self.s3_verify, str):
+            files["S3_VERIFY"] = self.s3_verify
+        for name, path in files.items():
+            if path and not os.path.exists(path):
+                raise ConfigError(f"{PREFIX}{name}={path!r}: no such file")
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as a dict safe to log (passwords hidden)."""
+        """The settings as a dict safe to log (passwords and URL passwords hidden)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = redact_url(value) if f.name == "database_url" else value
+            if f.name in SECRET_FIELDS:
+                value = "***" if value else value
+            elif isinstance(value, str) and "://" in value:
+                value = redact_url(value)
+            out[f.name] = value
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,15 @@ def id3_tag(title: str) -> bytes:
 
 
 Responder = Callable[[BaseHTTPRequestHandler], bool]
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that hang up (killed workers, timeouts) are normal here, not errors."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, ConnectionError | TimeoutError):
+            super().handle_error(request, client_address)
 
 
 @dataclass
@@ -109,7 +119,7 @@ class SampleServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server = _QuietServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

@@ -7,6 +7,7 @@ import math
 import re
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -232,3 +233,139 @@ def test_valid_records_are_accepted_with_a_well_formed_key(
     assert key == object_key(event, md5.lower())  # deterministic, case-insensitive md5
     assert key.startswith(f"{grp_id}/{uid}/{event.event_time:%Y/%m/%d}/{timestamp}-")
     assert not math.isnan(event.event_time.timestamp())
+
+
+# --- object keys cannot be steered by the record (issue 6, point 3) -------------------------
+
+# Fragments an attacker would put in a record to change the key's shape: traversal,
+# percent-encoding, separators, unicode look-alikes of digits / dots / slashes, control
+# characters, signs and exponents that int() or float() would accept, over-long values.
+ATTACK_FRAGMENTS = [
+    "../",
+    "..\\",
+    "/",
+    "\\",
+    "%2e%2e%2f",
+    "%2F",
+    "%00",
+    "\x00",
+    "\u2024\u2024/",  # one-dot leaders
+    "\uff0e\uff0e\uff0f",  # fullwidth ./
+    "\u2215",  # division slash
+    "\u0661\u0662\u0663",  # Arabic-Indic digits (str.isdigit() is True)
+    "\uff11\uff12\uff13",  # fullwidth digits
+    "\u00b9\u00b2",  # superscript digits
+    "\U0001d7ce\U0001d7cf",  # mathematical bold digits
+    "1_000",  # int() accepts underscores
+    "+1",
+    "-1",
+    "1e3",
+    "0x1f",
+    " 1 ",
+    "\u200b1",  # zero-width space
+    "1\n2",
+    ".mp3",
+    "*",
+    "?x=1",
+    "#",
+    "~",
+    "1" * 20,  # past bigint
+    "9" * 5000,  # past int()'s digit limit
+]
+attack_text = st.lists(
+    st.one_of(st.sampled_from(ATTACK_FRAGMENTS), st.text(max_size=6), st.integers(0, 99).map(str)),
+    min_size=1,
+    max_size=6,
+).map("".join)
+hostile = st.one_of(
+    attack_text,
+    st.builds(lambda a, n: f"{a}{n}", st.sampled_from(ATTACK_FRAGMENTS), st.integers(0, 99)),
+    st.builds(lambda n, a: f"{n}{a}", st.integers(0, 99), st.sampled_from(ATTACK_FRAGMENTS)),
+    st.builds(  # very long
+        lambda a, n: (a * n)[:3000], st.sampled_from(ATTACK_FRAGMENTS), st.integers(100, 3000)
+    ),
+)
+
+
+def id_or_attack(maximum: int) -> st.SearchStrategy[Any]:
+    """Usually a valid id (so the key builder is reached), else an attack-shaped value."""
+    choices = {"valid": valid_id(maximum), "hostile": hostile}
+    return st.sampled_from(["valid"] * 3 + ["hostile"]).flatmap(choices.__getitem__)
+
+
+attack_value = id_or_attack(BIGINT_MAX)
+attack_timestamp = id_or_attack(MAX_TIMESTAMP)
+attack_md5 = st.one_of(
+    HEX32,
+    st.builds(lambda a, h: (a + h)[:32], st.sampled_from(ATTACK_FRAGMENTS), HEX32),
+    attack_text,
+)
+SAFE_KEY_CHARS = set("0123456789abcdef/-.mp")
+
+
+@settings(FUZZ, max_examples=2500)
+@given(
+    st.fixed_dictionaries(
+        {
+            "uid": attack_value,
+            "grp_id": attack_value,
+            "timestamp": attack_timestamp,
+            "md5": attack_md5,
+            "file_path": st.one_of(attack_text, hostile.map(lambda v: f"https://h/{v}")),
+            "m_type": attack_text,
+        }
+    ),
+    st.one_of(hostile, st.just("127.0.0.1")),
+    st.one_of(HEX32, attack_md5),
+)
+def test_attack_shaped_fields_cannot_change_the_key_shape(
+    ptt: dict[str, Any], ip: Any, computed_md5: str
+) -> None:
+    parsed = check(json.dumps({"msg_type": 1, "ip": ip, "ptt_msg": ptt}))
+    if not isinstance(parsed, TalkEvent):
+        return  # rejected with a clear reason (checked by check())
+    # only plain ASCII decimal ids get through, whatever their spelling in the record
+    for name in ("uid", "grp_id", "timestamp"):
+        raw = ptt[name]
+        assert str(raw).strip().isascii() and str(raw).strip().isdecimal()
+        assert getattr(parsed, name) == int(str(raw).strip())
+    try:
+        key = object_key(parsed, computed_md5)
+    except ValueError as exc:  # the md5 is computed by fileserver; anything else is a bug
+        assert not re.fullmatch(r"[0-9a-fA-F]{32}", computed_md5)
+        assert "md5 must be 32 hex digits" in str(exc)
+        return
+    assert OBJECT_KEY.fullmatch(key)
+    assert set(key) <= SAFE_KEY_CHARS and ".." not in key and len(key) <= 100
+    # the key depends on nothing but the validated ids, the time and the computed md5
+    clean = TalkEvent(
+        uid=parsed.uid,
+        grp_id=parsed.grp_id,
+        m_type="ptt",
+        file_path="https://gw.example/a.mp3",
+        timestamp=parsed.timestamp,
+        sender_md5=None,
+        source_ip=None,
+    )
+    assert key == object_key(clean, computed_md5)
+    assert key.split("/")[:2] == [str(parsed.grp_id), str(parsed.uid)]
+
+
+@pytest.mark.parametrize("fragment", ATTACK_FRAGMENTS)
+@pytest.mark.parametrize("name", ["uid", "grp_id", "timestamp"])
+def test_each_attack_fragment_in_an_id_is_rejected_naming_the_field(
+    fragment: str, name: str
+) -> None:
+    ptt = {"uid": 14, "grp_id": 1, "timestamp": 1569569697, "file_path": "https://h/a.mp3"}
+    for value in (fragment, f"1{fragment}", f"{fragment}1"):
+        ptt[name] = value
+        try:
+            parsed = parse_event(json.dumps({"msg_type": 1, "ptt_msg": ptt}))
+        except PermanentError as exc:
+            assert exc.reason is Reason.INVALID_EVENT
+            assert f"ptt_msg.{name}" in exc.detail
+            continue
+        # only surrounding whitespace around ASCII digits is tolerated
+        assert isinstance(parsed, TalkEvent)
+        assert value.strip().isascii() and value.strip().isdecimal()
+        assert OBJECT_KEY.fullmatch(object_key(parsed, "0" * 32))

@@ -82,9 +82,18 @@ def test_allowed(allowed: list[str], url: str, expected: Source | tuple[str, str
         (["10.0.0.0/8"], "http://11.0.0.1/a", "not in"),
         (["::1"], "http://[::2]/a", "not in"),
         (["0.0.0.0/0"], "http://[::1]/a", "not in"),
-        # the allowed host name does not allow its address nor vice versa
+        # a host-name entry does not allow its address (an IP entry may allow a name
+        # whose addresses it covers: see test_check_resolved)
         (["localhost"], "http://127.0.0.1/a", "not in"),
-        (["127.0.0.1"], "http://localhost/a", "not in"),
+        (["127.0.0.1:8080"], "http://localhost/a", "not in"),
+        (["gw.example"], "http://other.example/a", "not in"),
+        # host names other than plain ASCII (punycode is fine), before any lookup
+        (["0.0.0.0/0"], "http://%31%32%37.0.0.1/a", "ASCII host name"),
+        (["0.0.0.0/0"], "http://ex\u0430mple.com/a", "ASCII host name"),
+        (["0.0.0.0/0"], "http://exa mple.com/a", "ASCII host name"),
+        (["0.0.0.0/0"], "http://-evil.example/a", "ASCII host name"),
+        (["0.0.0.0/0"], "http://" + "a" * 254 + "/x", "ASCII host name"),
+        (["0.0.0.0/0"], "http://10.0.0.1:0/a", "port 0"),
         # schemes
         (["0.0.0.0/0", "dev.yunptt.com"], "file:///etc/passwd", "scheme"),
         (["dev.yunptt.com"], "ftp://dev.yunptt.com/a.mp3", "scheme"),
@@ -103,7 +112,17 @@ def test_allowed(allowed: list[str], url: str, expected: Source | tuple[str, str
         (["0.0.0.0/0"], "http://169.254.1.1/", "not in"),
         (["0.0.0.0/0"], "http://100.100.100.200/latest/meta-data/", "not in"),
         (["::/0"], "http://[fe80::1]/", "not in"),
+        (["::/0"], "http://[fe80::1%25eth0]/", "not in"),
         (["::/0"], "http://[fd00:ec2::254]/latest/meta-data/", "not in"),
+        (["::/0"], "http://[fd00:ec2::253]/", "not in"),
+        (["0.0.0.0/0"], "http://168.63.129.16/machine", "not in"),
+        (["0.0.0.0/0"], "http://192.0.0.192/", "not in"),
+        (["0.0.0.0/0"], "http://0.0.0.0:8080/", "not in"),
+        (["::/0"], "http://[::]:8080/", "not in"),
+        # IPv6 spellings that reach the metadata address over IPv4 (NAT64, 6to4, compat)
+        (["::/0"], "http://[64:ff9b::a9fe:a9fe]/latest/", "not in"),
+        (["::/0"], "http://[2002:a9fe:a9fe::1]/latest/", "not in"),
+        (["::/0"], "http://[::a9fe:a9fe]/latest/", "not in"),
         (["169.254.169.254:80"], "http://169.254.169.254:8080/", "not in"),
         (["169.254.169.254"], "http://169.254.169.253/", "not in"),
         # IPv4-mapped IPv6 spelling of the metadata address
@@ -118,6 +137,7 @@ def test_allowed(allowed: list[str], url: str, expected: Source | tuple[str, str
         (["::/0"], "http://[::1/a", "not a valid URL"),
         # nothing allowed
         ([], "https://dev.yunptt.com/a.mp3", "not in"),
+        ([], "http://127.0.0.1/a.mp3", "not in"),
     ],
 )
 def test_refused(allowed: list[str], url: str, why: str) -> None:
@@ -187,3 +207,75 @@ def test_check_address(
 ) -> None:
     policy = SourcePolicy(allowed)
     assert policy.check_address(ipaddress.ip_address(address), port, host) is expected
+
+
+@pytest.mark.parametrize(
+    ("allowed", "url", "addresses", "expected"),
+    [
+        # a name entry allows the name, whatever ordinary addresses it has
+        (["gw.example"], "http://gw.example/a", ["203.0.113.5", "2001:db8::5"], True),
+        (["gw.example"], "http://gw.example/a", ["127.0.0.1"], True),
+        # ... but never a metadata / link-local / unspecified address, in any spelling
+        (["gw.example"], "http://gw.example/a", ["203.0.113.5", "169.254.169.254"], False),
+        (["gw.example"], "http://gw.example/a", ["::ffff:169.254.169.254"], False),
+        (["gw.example"], "http://gw.example/a", ["64:ff9b::a9fe:a9fe"], False),
+        (["gw.example"], "http://gw.example/a", ["fd00:ec2::254"], False),
+        (["gw.example"], "http://gw.example/a", ["0.0.0.0"], False),
+        # unless that exact address is listed too
+        (["gw.example", "169.254.169.254"], "http://gw.example/a", ["169.254.169.254"], True),
+        # IP / CIDR entries allow a name only when *every* address is covered
+        (["127.0.0.0/8"], "http://gw.example/a", ["127.0.0.1"], True),
+        (["127.0.0.1"], "http://localhost/a", ["127.0.0.1"], True),
+        (["127.0.0.1"], "http://localhost/a", ["127.0.0.1", "::1"], False),
+        (["127.0.0.0/8"], "http://gw.example/a", ["127.0.0.1", "10.0.0.1"], False),
+        (["0.0.0.0/0"], "http://evil.example/a", ["169.254.169.254"], False),
+        (["169.254.0.0/16"], "http://evil.example/a", ["169.254.169.254"], False),
+        (["0.0.0.0/0", "::/0"], "http://evil.example/a", ["::ffff:a9fe:a9fe"], False),
+        # ports still apply
+        (["127.0.0.0/8:8080"], "http://gw.example:8080/a", ["127.0.0.1"], True),
+        (["127.0.0.0/8:8080", "gw.example:9090"], "http://gw.example:9090/a", ["10.1.1.1"], True),
+        # a name that resolves to nothing is refused
+        (["gw.example"], "http://gw.example/a", [], False),
+    ],
+)
+def test_check_resolved(allowed: list[str], url: str, addresses: list[str], expected: bool) -> None:
+    policy = SourcePolicy(allowed)
+    source = policy.check(url)
+    assert source.address is None
+    resolved = [ipaddress.ip_address(a) for a in addresses]
+    if expected:
+        assert policy.check_resolved(source, resolved + resolved) == resolved  # deduplicated
+    else:
+        with pytest.raises(PermanentError) as info:
+            policy.check_resolved(source, resolved)
+        assert info.value.reason is Reason.SOURCE_FORBIDDEN
+        assert source.host in info.value.detail
+
+
+def test_an_ip_host_is_checked_once_and_carried() -> None:
+    source = SourcePolicy(["10.0.0.0/8"]).check("http://10.1.2.3:8080/a")
+    assert source.address == ipaddress.ip_address("10.1.2.3")
+
+
+def test_refusal_detail_never_carries_a_url_password() -> None:
+    with pytest.raises(PermanentError) as info:
+        SourcePolicy(["gw.example"]).check("https://admin:hunter2secret@gw.example/a.mp3")
+    assert "hunter2secret" not in str(info.value)
+    assert "admin:***@gw.example" in info.value.detail
+
+
+@pytest.mark.parametrize("entry", ["ex\u0430mple.com", "a b", "-x.example", "%31.example"])
+def test_entry_host_names_must_be_ascii(entry: str) -> None:
+    with pytest.raises(ConfigError, match="punycode"):
+        SourcePolicy([entry])
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://evil\r\nforged log line", "gopher://x/\x00\x1b[31mred", "file:///\x85\x7f"],
+)
+def test_refusal_detail_has_no_control_characters(url: str) -> None:
+    with pytest.raises(PermanentError) as info:
+        SourcePolicy(["0.0.0.0/0"]).check(url)
+    detail = info.value.detail
+    assert detail.isprintable() and "\\x" in detail

@@ -1,0 +1,259 @@
+"""Prometheus metrics of the worker: every name is declared once, here, with its meaning.
+
+:class:`Metrics` owns a dedicated :class:`~prometheus_client.CollectorRegistry` (nothing
+is registered in prometheus_client's global registry). The pipeline, the processor and
+the worker record into the process-wide instance returned by :func:`get_metrics`;
+tests build their own. :mod:`fileserver.web` serves :meth:`Metrics.render` on
+``/metrics``. Gauges that describe live state (in-flight events, consumer lag) are
+computed when scraped, from callbacks the worker installs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from fileserver.errors import Reason
+from fileserver.events import SKIPPED_TYPES
+
+if TYPE_CHECKING:
+    from fileserver.pipeline import Result
+
+PREFIX = "fileserver"
+STAGES = ("fetch", "probe", "upload", "record")
+OUTCOMES = ("ingested", "duplicate", "skipped", "dead_lettered")
+# Retry labels: the event's own source, the shared dependencies, and bugs.
+DEPENDENCIES = ("source", "s3", "postgres", "dead_letter_topic", "kafka", "unexpected")
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+EVENT_BUCKETS = (*STAGE_BUCKETS, 300, 600, 1800)
+
+LAG_NAME = f"{PREFIX}_consumer_lag"
+LAG_HELP = "Records of an assigned partition after the group's committed offset (end - committed)."
+
+# (topic, partition, lag) for every assigned partition, computed when scraped.
+LagSource = Callable[[], Iterable[tuple[str, int, int]]]
+
+
+def dependency_label(dependency: str) -> str:
+    """The ``dependency`` label of a retry: ``dead-letter topic`` -> ``dead_letter_topic``."""
+    label = dependency.strip().lower().replace("-", "_").replace(" ", "_")
+    return label if label in DEPENDENCIES else "unexpected"
+
+
+class _LagCollector:
+    """Yields ``fileserver_consumer_lag`` from the installed source at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: LagSource | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(LAG_NAME, LAG_HELP, labels=("topic", "partition"))]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(LAG_NAME, LAG_HELP, labels=("topic", "partition"))
+        source = self.source
+        if source is not None:
+            try:
+                rows = list(source())
+            except Exception:  # a consumer mid-rebalance: no samples rather than no scrape
+                rows = []
+            for topic, partition, lag in rows:
+                family.add_metric((topic, str(partition)), float(lag))
+        yield family
+
+
+@dataclass
+class Stopwatch:
+    """Seconds since it was started (monotonic clock)."""
+
+    started: float
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+class Metrics:
+    """Every metric fileserver exports, in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events = Counter(
+            f"{PREFIX}_events_total",
+            "Events whose outcome is durable, by outcome.",
+            ("outcome",),
+            registry=r,
+        )
+        self.skipped = Counter(
+            f"{PREFIX}_skipped_events_total",
+            "Events of another kind counted and skipped, by msg_type (2 signal, 3 quality).",
+            ("msg_type",),
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            f"{PREFIX}_dead_letters_total",
+            "Events dead-lettered (topic record + ingest_failures row), by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self.downloaded_bytes = Counter(
+            f"{PREFIX}_downloaded_bytes_total",
+            "Bytes of recordings downloaded completely from their sources.",
+            registry=r,
+        )
+        self.uploaded_bytes = Counter(
+            f"{PREFIX}_uploaded_bytes_total",
+            "Bytes of recordings stored in the bucket.",
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            f"{PREFIX}_stage_duration_seconds",
+            "Time of one successful pipeline step: fetch, probe, upload or record.",
+            ("stage",),
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.event_seconds = Histogram(
+            f"{PREFIX}_event_duration_seconds",
+            "End-to-end time of one event, retries included, until its outcome is durable.",
+            ("outcome",),
+            buckets=EVENT_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            f"{PREFIX}_retries_total",
+            "Retries scheduled after a transient failure, by the dependency that failed.",
+            ("dependency",),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_in_flight_events",
+            "Events being processed right now (at most FILESERVER_CONCURRENCY).",
+            registry=r,
+        )
+        self.pending = Gauge(
+            f"{PREFIX}_pending_events",
+            "Events read but not yet committable (at most FILESERVER_MAX_PENDING).",
+            registry=r,
+        )
+        self.paused = Gauge(
+            f"{PREFIX}_intake_paused",
+            "1 while intake is paused because S3, Postgres or the dead-letter topic fails.",
+            registry=r,
+        )
+        self.pauses = Counter(
+            f"{PREFIX}_intake_pauses_total",
+            "Times intake was paused for a systemic outage.",
+            registry=r,
+        )
+        self._is_paused = False
+        self._lag = _LagCollector()
+        r.register(self._lag)
+        if process:
+            ProcessCollector(registry=r)
+        for outcome in OUTCOMES:
+            self.events.labels(outcome)
+            self.event_seconds.labels(outcome)
+        for msg_type in SKIPPED_TYPES:
+            self.skipped.labels(str(msg_type))
+        for reason in Reason:
+            self.dead_letters.labels(reason.value)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for dependency in DEPENDENCIES:
+            self.retries.labels(dependency)
+
+    # -- recording -------------------------------------------------------------------
+
+    def outcome(self, result: Result, elapsed_s: float | None = None) -> None:
+        """Count one durable outcome (and its end-to-end time when known)."""
+        outcome = result.outcome.value
+        self.events.labels(outcome).inc()
+        if result.skipped_type is not None:
+            self.skipped.labels(str(result.skipped_type)).inc()
+        if result.reason is not None:
+            self.dead_letters.labels(result.reason).inc()
+        if elapsed_s is not None:
+            self.event_seconds.labels(outcome).observe(max(0.0, elapsed_s))
+
+    @staticmethod
+    def stopwatch() -> Stopwatch:
+        """Start timing something that is not a ``with`` block (the download)."""
+        return Stopwatch(time.monotonic())
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage).observe(max(0.0, seconds))
+
+    def fetched(self, size: int, seconds: float) -> None:
+        """One complete download of ``size`` bytes that took ``seconds``."""
+        self.downloaded_bytes.inc(size)
+        self.observe_stage("fetch", seconds)
+
+    def uploaded(self, size: int) -> None:
+        self.uploaded_bytes.inc(size)
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        """Time a pipeline step; only steps that succeed are observed."""
+        watch = self.stopwatch()
+        yield
+        self.observe_stage(stage, watch.elapsed())
+
+    def retried(self, dependency: str) -> None:
+        """Count one scheduled retry (``dependency`` as in ``DependencyUnavailable``)."""
+        self.retries.labels(dependency_label(dependency)).inc()
+
+    def set_paused(self, paused: bool) -> None:
+        """Intake paused (``True``) or resumed; counts the transitions to paused."""
+        if paused and not self._is_paused:
+            self.pauses.inc()
+        self._is_paused = paused
+        self.paused.set(1.0 if paused else 0.0)
+
+    # -- live state, computed when scraped ----------------------------------------------
+
+    def watch_window(self, in_flight: Callable[[], int], pending: Callable[[], int]) -> None:
+        """Read the in-flight and pending gauges from the running intake window."""
+        self.in_flight.set_function(lambda: float(in_flight()))
+        self.pending.set_function(lambda: float(pending()))
+
+    def unwatch_window(self) -> None:
+        self.in_flight.set_function(lambda: 0.0)
+        self.pending.set_function(lambda: 0.0)
+
+    def watch_lag(self, source: LagSource | None) -> None:
+        """Compute ``fileserver_consumer_lag`` from ``source`` on each scrape (``None``: none)."""
+        self._lag.source = source
+
+    # -- exposition --------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of every metric, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def help_texts(self) -> dict[str, str]:
+        """Every metric family this registry exports and its one-line meaning."""
+        return {m.name: m.documentation for m in self.registry.collect()}
+
+
+@lru_cache(maxsize=1)
+def get_metrics() -> Metrics:
+    """The process-wide metrics (created on first use)."""
+    return Metrics()

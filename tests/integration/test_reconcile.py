@@ -1,0 +1,195 @@
+"""``fileserver reconcile`` against real SeaweedFS and Postgres with planted inconsistencies.
+
+Recordings are ingested through the real pipeline, then damaged: objects deleted,
+overwritten with other bytes (another size, or the same size), sources removed or
+changed, stray objects added. Reconcile must report exactly those, change nothing
+unless asked, repair what the sources still serve, quarantine the strays, and leave
+only the unrepairable ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+
+import pytest
+
+from fileserver.devstack.samples import SampleServer, make_mp3, talk_event
+from fileserver.devstack.stack import StackConfig
+from fileserver.pipeline import Outcome
+from fileserver.reconcile import Kind, Progress, Repair, Report, reconcile
+from fileserver.record import SourceRecord
+from fileserver.runtime import open_runtime
+from tests.helpers import count, query
+
+
+def _objects(stack: StackConfig) -> dict[str, bytes]:
+    s3 = stack.s3_client()
+    out: dict[str, bytes] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket):
+        for item in page.get("Contents", []):
+            out[item["Key"]] = s3.get_object(Bucket=stack.bucket, Key=item["Key"])["Body"].read()
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _s3_credentials(kafka_stack: StackConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs read S3 credentials from boto3's chain, like the worker."""
+    for name, value in kafka_stack.env().items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+
+
+def _cli(stack: StackConfig, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.update(stack.env())
+    return subprocess.run(
+        [sys.executable, "-m", "fileserver", "reconcile", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+async def test_reconcile_reports_repairs_and_quarantines(
+    kafka_stack: StackConfig, sample_server: SampleServer, tmp_path: Path
+) -> None:
+    stack, srv = kafka_stack, sample_server
+    names = ["ok1", "ok2", "deleted", "source_gone", "resized", "flipped", "source_changed"]
+    files = {name: make_mp3(1.0 + 0.25 * i, freq_hz=250 + 30 * i) for i, name in enumerate(names)}
+    for i, name in enumerate(names):
+        srv.files[f"/rc/room_1_user_{i}_{1569569600 + i}.mp3"] = files[name]
+    url = {
+        name: srv.url(f"/rc/room_1_user_{i}_{1569569600 + i}.mp3") for i, name in enumerate(names)
+    }
+
+    async with open_runtime(stack.settings()) as runtime:
+        for i, name in enumerate(names):
+            event = talk_event(url[name], uid=str(20 + i), grp_id="3", timestamp=1569569600 + i)
+            record = SourceRecord(stack.topic, 0, i, json.dumps(event).encode())
+            result = await runtime.ingestor.ingest(record)
+            assert result.outcome is Outcome.INGESTED
+    rows = {
+        r.source_url: r
+        for r in query(stack.database_url, "SELECT id, source_url, s3_key, md5 FROM recordings")
+    }
+    key = {name: rows[url[name]].s3_key for name in names}
+    row_id = {name: rows[url[name]].id for name in names}
+
+    # Plant the inconsistencies.
+    s3 = stack.s3_client()
+    b = stack.bucket
+    for name in ("deleted", "source_gone", "source_changed"):
+        s3.delete_object(Bucket=b, Key=key[name])
+    del srv.files[f"/rc/room_1_user_{names.index('source_gone')}_1569569603.mp3"]
+    srv.files[f"/rc/room_1_user_{names.index('source_changed')}_1569569606.mp3"] = make_mp3(0.5)
+    s3.put_object(Bucket=b, Key=key["resized"], Body=files["resized"][:-100])
+    flipped = bytearray(files["flipped"])
+    flipped[len(flipped) // 2] ^= 0xFF
+    s3.put_object(Bucket=b, Key=key["flipped"], Body=bytes(flipped))
+    stray = {
+        "3/20/2019/09/27/1569560000-" + "0" * 32 + ".mp3": make_mp3(0.5, freq_hz=999),
+        "zz-not-a-recording.bin": b"stray bytes",
+    }
+    for k, data in stray.items():
+        s3.put_object(Bucket=b, Key=k, Body=data)
+    s3.put_object(Bucket=b, Key="quarantine/earlier.mp3", Body=b"quarantined before")
+    before = _objects(stack)
+
+    # 1. Read-only, default minimum age: the fresh strays are not judged yet.
+    report = await reconcile(stack.settings())
+    assert report.counts() == {
+        "missing_object": 3,
+        "size_mismatch": 1,
+        "md5_mismatch": 1,
+        "orphan_object": 0,
+    }
+    assert (report.rows, report.consistent) == (7, 2)
+    assert (report.recent_objects_skipped, report.quarantined_objects) == (2, 1)
+    assert _objects(stack) == before and count(stack.database_url, "recordings") == 7
+
+    # 2. Read-only through the command, strays judged: the report, the JSON, exit 1.
+    out = tmp_path / "report.json"
+    done = _cli(stack, "--min-age", "0", "--json", str(out))
+    assert done.returncode == 1, done.stderr
+    print("\n--- fileserver reconcile --min-age 0 --json report.json\n" + done.stdout)
+    assert "missing_object" in done.stdout and "nothing was changed" in done.stdout
+    doc = json.loads(out.read_text())
+    assert doc["mode"] == "read-only" and doc["unresolved"] == 7
+    assert doc["counts"] == {
+        "missing_object": 3,
+        "size_mismatch": 1,
+        "md5_mismatch": 1,
+        "orphan_object": 2,
+    }
+    by_key = {i["key"]: i for i in doc["issues"]}
+    assert {i["key"] for i in doc["issues"]} == {key[n] for n in names[2:]} | set(stray)
+    assert by_key[key["resized"]]["kind"] == Kind.SIZE_MISMATCH
+    assert by_key[key["resized"]]["actual_size"] == len(files["resized"]) - 100
+    assert by_key[key["flipped"]]["kind"] == Kind.MD5_MISMATCH
+    assert by_key[key["flipped"]]["actual_md5"] == hashlib.md5(bytes(flipped)).hexdigest()
+    assert by_key[key["deleted"]]["row_id"] == row_id["deleted"]
+    assert by_key[key["deleted"]]["source_url"] == url["deleted"]
+    assert all(i["repair"] is None for i in doc["issues"])
+    assert _objects(stack) == before
+
+    # 3. Repair through the command.
+    done = _cli(stack, "--repair", "--min-age", "0", "--json", "-")
+    assert done.returncode == 1, done.stderr
+    print("--- fileserver reconcile --repair --min-age 0\n" + done.stderr)
+    repaired = {i["key"]: i for i in json.loads(done.stdout)["issues"]}
+    for name in ("deleted", "resized", "flipped"):
+        assert repaired[key[name]]["repair"] == Repair.REPAIRED, repaired[key[name]]
+    assert repaired[key["source_gone"]]["repair"] == Repair.UNREPAIRABLE
+    assert "source_not_found" in repaired[key["source_gone"]]["repair_detail"]
+    assert repaired[key["source_changed"]]["repair"] == Repair.UNREPAIRABLE
+    assert "other bytes" in repaired[key["source_changed"]]["repair_detail"]
+    for k in stray:
+        assert repaired[k]["repair"] == Repair.QUARANTINED
+
+    after = _objects(stack)
+    for name in ("ok1", "ok2", "deleted", "resized", "flipped"):
+        assert after[key[name]] == files[name], name
+        head = s3.head_object(Bucket=b, Key=key[name])
+        assert head["Metadata"]["md5"] == hashlib.md5(files[name]).hexdigest()
+    for name in ("source_gone", "source_changed"):
+        assert key[name] not in after
+    for k, data in stray.items():
+        assert k not in after and after["quarantine/" + k] == data
+    assert after["quarantine/earlier.mp3"] == b"quarantined before"
+
+    # 4. What is left: only the two rows whose source cannot give their bytes back.
+    report = await reconcile(stack.settings(), min_age_s=0)
+    assert report.counts() == {
+        "missing_object": 2,
+        "size_mismatch": 0,
+        "md5_mismatch": 0,
+        "orphan_object": 0,
+    }
+    assert {i.key for i in report.issues} == {key["source_gone"], key["source_changed"]}
+    assert (report.consistent, report.quarantined_objects, report.exit_code) == (5, 3, 1)
+
+
+async def test_reconcile_of_an_empty_bucket_and_table_agrees(kafka_stack: StackConfig) -> None:
+    report = await reconcile(kafka_stack.settings(), repair=True, min_age_s=0)
+    assert (report.rows, report.objects, report.issues, report.exit_code) == (0, 0, [], 0)
+    assert "the bucket and the table agree" in Report(bucket="b", repair=False).render()
+
+
+def test_progress_line_only_on_a_terminal() -> None:
+    class Tty(StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    report = Report(bucket="b", repair=False, rows=1200, objects=1199)
+    tty, pipe = Tty(), StringIO()
+    Progress(tty).update(report, force=True)
+    Progress(pipe).update(report, force=True)
+    assert tty.getvalue() == "\rreconcile: 1,200 rows, 1,199 objects, 0 issues"
+    assert pipe.getvalue() == ""
