@@ -951,7 +951,14 @@ class Progress:
     """A single updating line on a terminal, or a log line every few seconds."""
 
     def __init__(
-        self, tally: Tally, total: int, *, mode: str, stream: TextIO, interval_s: float
+        self,
+        tally: Tally,
+        total: int,
+        *,
+        mode: str,
+        stream: TextIO,
+        interval_s: float,
+        status: Callable[[], str | None] = lambda: None,
     ) -> None:
         if mode == "auto":
             mode = "bar" if stream.isatty() else "log"
@@ -960,13 +967,14 @@ class Progress:
         self.total = total
         self.stream = stream
         self.interval_s = interval_s
+        self.status = status
         self.started = time.monotonic()
         self._samples: deque[tuple[float, int]] = deque(maxlen=50)
         self._drawn = False
         self._filter = _ClearLine(self)
 
     def line(self) -> str:
-        """``done/total pct | rate | ETA | per-outcome counts | in flight``."""
+        """``done/total pct | rate | ETA | per-outcome counts | in flight [| paused: why]``."""
         now = time.monotonic()
         done = self.tally.done
         self._samples.append((now, done))
@@ -978,9 +986,11 @@ class Progress:
         eta = _duration(left / rate) if rate > 0 else "?"
         pct = 100.0 * done / self.total if self.total else 100.0
         counts = " ".join(f"{_SHORT[k]} {n:,}" for k, n in sorted(self.tally.counts.items()) if n)
+        paused = self.status()
         return (
             f"{done:,}/{self.total:,} {pct:.1f}% | {rate:,.0f}/s | ETA {eta} | "
             f"{counts or '-'} | in flight {self.tally.in_flight}"
+            + (f" | paused: {paused}" if paused else "")
         )
 
     def clear(self) -> None:
@@ -1067,6 +1077,7 @@ class _Job:
                     mode=self.options.progress,
                     stream=self.err,
                     interval_s=self.options.log_interval_s,
+                    status=lambda: None if runtime.health.ok else runtime.health.reason,
                 )
                 self.started = time.monotonic()
                 ticker = asyncio.create_task(progress.run())

@@ -56,7 +56,7 @@ def scrub_record(record: logging.LogRecord) -> logging.LogRecord:
     except Exception:  # a broken %-format: let the handler report it as usual
         return record
     clean = scrub(message)
-    if clean != message or record.args:
+    if clean != message:
         record.msg, record.args = clean, None
     if record.exc_info and not record.exc_text:
         record.exc_text = logging.Formatter().formatException(record.exc_info)

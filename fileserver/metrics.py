@@ -145,7 +145,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             f"{PREFIX}_in_flight_events",
-            "Events being processed right now (at most FILESERVER_CONCURRENCY).",
+            "Events started and not finished (running, or waiting for a slot or for intake).",
             registry=r,
         )
         self.pending = Gauge(

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -163,6 +165,8 @@ def build_app(settings: Settings) -> FileserverApp:
         broker=[f"kafka://{hp.strip()}" for hp in settings.kafka_bootstrap.split(",")],
         broker_credentials=faust_broker_credentials(settings),  # Kafka SASL / TLS
         store="memory://",
+        # faust keeps nothing fileserver needs on disk; keep its data dir out of the cwd.
+        datadir=os.path.join(settings.tmp_dir or tempfile.gettempdir(), "fileserver-faust"),
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=settings.web_enabled,

@@ -92,6 +92,7 @@ def _stack(broker: object, s3: object, database_url: str, partitions: int = 1) -
             "FILESERVER_COMMIT_INTERVAL_S": "0.2",
             "FILESERVER_SOURCE_RETRY_S": "5",
             "FILESERVER_LOG_LEVEL": "INFO",
+            "FILESERVER_METRICS_PORT": "0",  # several workers may run at once
         },
     )
     prepare(config, partitions=partitions)

@@ -115,7 +115,6 @@ def test_scrape_readiness_and_logs_of_a_real_run(
         )
         # The same talk burst again, once the first is in: recognised before any download.
         asyncio.run(publish(stack.kafka_bootstrap, stack.topic, [records[1]]))
-        total = len(records) + 1
         lag = ("fileserver_consumer_lag", (("partition", "0"), ("topic", stack.topic)))
         text, m = wait_until(
             lambda: (
@@ -154,7 +153,7 @@ def test_scrape_readiness_and_logs_of_a_real_run(
         print("\n".join(line for line in text.splitlines() if "fileserver_" in line))
 
         assert get_json(f"{base}/healthz") == (200, {"status": "alive"})
-        status, ready = wait_until(
+        _, ready = wait_until(
             lambda: (r := get_json(f"{base}/readyz"))[0] == 200 and r,
             timeout=30,
             what="ready",
@@ -168,7 +167,7 @@ def test_scrape_readiness_and_logs_of_a_real_run(
         late = "/obs/room_1_user_50_1569569650.mp3"
         srv.files[late] = make_mp3(1.0, freq_hz=777)
         asyncio.run(publish(stack.kafka_bootstrap, stack.topic, [talk_event(srv.url(late))]))
-        status, ready = wait_until(
+        _, ready = wait_until(
             lambda: (
                 (r := get_json(f"{base}/readyz"))[0] == 503
                 and r[1]["checks"]["intake"].startswith("paused")
@@ -187,6 +186,7 @@ def test_scrape_readiness_and_logs_of_a_real_run(
         assert value(m, "fileserver_intake_pauses_total") == 1
         assert value(m, "fileserver_retries_total", dependency="s3") >= 1
         assert value(m, "fileserver_in_flight_events") == 1
+        assert m[lag] == 1  # the held event is not committed
 
         s3.create_bucket(Bucket=stack.bucket)
         wait_until(

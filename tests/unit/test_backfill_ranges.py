@@ -231,6 +231,10 @@ def test_progress_is_one_updating_line_on_a_terminal() -> None:
     progress.clear()
     assert screen.getvalue().endswith("\r\x1b[K")
     assert Progress(tally, 20, mode="auto", stream=io.StringIO(), interval_s=5).mode == "log"
+    paused = Progress(
+        tally, 20, mode="log", stream=io.StringIO(), interval_s=5, status=lambda: "s3"
+    )
+    assert paused.line().endswith("| in flight 2 | paused: s3")
 
 
 def test_progress_logs_periodically_when_not_on_a_terminal(

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable
-from types import SimpleNamespace
 from typing import cast
 
 import pytest
 
-import fileserver.processor as processor_module
 from fileserver.deadletter import DeadLetterSink
 from fileserver.errors import (
     DependencyUnavailable,
@@ -119,14 +117,6 @@ class ScriptedIngest:
         if isinstance(step, BaseException):
             raise step
         return step
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    # replace the module's `time`, not time.monotonic itself (the event loop uses that)
-    monkeypatch.setattr(processor_module, "time", SimpleNamespace(monotonic=fake.monotonic))
-    return fake
 
 
 def make(

@@ -344,3 +344,6 @@ def test_filter_keeps_records_and_tolerates_odd_ones() -> None:
     ok = logging.LogRecord("x", logging.INFO, __file__, 1, {"url": "http://a:b@c/"}, (), None)
     assert logs.SecretFilter().filter(ok)
     assert ok.getMessage() == "{'url': 'http://a:***@c/'}"
+    plain = logging.LogRecord("x", logging.INFO, __file__, 1, "%s items", (3,), None)
+    assert logs.SecretFilter().filter(plain)
+    assert (plain.msg, plain.args) == ("%s items", (3,))  # untouched when nothing to hide
