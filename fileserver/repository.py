@@ -8,10 +8,11 @@ as it is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
@@ -22,6 +23,62 @@ from fileserver.errors import DependencyUnavailable
 from fileserver.models import IngestFailure, Recording
 
 LOOKUP_BATCH = 1000
+K = TypeVar("K")
+R = TypeVar("R")
+
+
+class Coalescer(Generic[K, R]):
+    """Groups concurrent single-item calls into batched calls (natural batching).
+
+    :meth:`call` queues its item; while fewer than ``max_flushes`` batches are being
+    written, a flusher takes every queued item (up to ``max_items``) and hands them to
+    ``run`` in one call, so items that arrive while a batch is in flight form the next
+    one. Each caller still awaits its own result, and an exception from ``run`` is
+    raised to every caller of that batch (nothing is reported done that is not).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[K]], Awaitable[Sequence[R]]],
+        *,
+        max_items: int = 100,
+        max_flushes: int = 2,
+    ) -> None:
+        self._run = run
+        self._max_items = max_items
+        self._max_flushes = max_flushes
+        self._queue: list[tuple[K, asyncio.Future[R]]] = []
+        self._flushers: set[asyncio.Task[None]] = set()
+
+    async def call(self, item: K) -> R:
+        """Queue ``item``; return its result once its batch has run."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if len(self._flushers) < self._max_flushes:
+            task = asyncio.create_task(self._flush(), name="repository batch")
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch = self._queue[: self._max_items]
+            del self._queue[: self._max_items]
+            live = [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled
+            if not live:
+                continue
+            try:
+                results = await self._run([item for item, _fut in live])
+            except BaseException as exc:
+                for _item, fut in live:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_item, fut), result in zip(live, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
 
 
 @dataclass(frozen=True)
@@ -94,8 +151,15 @@ def _is_connection_error(exc: DBAPIError) -> bool:
 class Repository:
     """Reads and writes fileserver's tables through one async engine (a connection pool)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, batch_rows: int = 0) -> None:
+        """``batch_rows`` > 1 groups concurrent :meth:`insert_recording` and
+        :meth:`recording_md5` calls into one statement each (up to that many rows)."""
         self._engine = engine
+        self._inserts: Coalescer[NewRecording, bool] | None = None
+        self._lookups: Coalescer[str, str | None] | None = None
+        if batch_rows > 1:
+            self._inserts = Coalescer(self._insert_recordings, max_items=batch_rows)
+            self._lookups = Coalescer(self._recording_md5s, max_items=batch_rows)
 
     async def _execute(self, statement: Any, *, write: bool) -> Any:
         try:
@@ -120,7 +184,12 @@ class Repository:
         await self._execute(text("SELECT 1 FROM recordings, ingest_failures LIMIT 0"), write=False)
 
     async def insert_recording(self, row: NewRecording) -> bool:
-        """Insert ``row``; ``False`` when a row with the same ``source_url`` already exists."""
+        """Insert ``row``; ``False`` when a row with the same ``source_url`` already exists.
+
+        Returns only once the row is committed (batched with concurrent calls when
+        ``batch_rows`` is set: one multi-row ``INSERT … ON CONFLICT DO NOTHING``)."""
+        if self._inserts is not None:
+            return await self._inserts.call(row)
         stmt = (
             insert(Recording)
             .values(**asdict(row))
@@ -128,6 +197,31 @@ class Repository:
             .returning(Recording.id)
         )
         return bool(await self._execute(stmt, write=True))
+
+    async def _insert_recordings(self, rows: list[NewRecording]) -> list[bool]:
+        """One multi-row insert; for each row, whether it was inserted (first wins)."""
+        first: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            first.setdefault(row.source_url, i)
+        unique = [rows[i] for i in first.values()]
+        stmt = (
+            insert(Recording)
+            .values([asdict(r) for r in unique])
+            .on_conflict_do_nothing(index_elements=["source_url"])
+            .returning(Recording.source_url)
+        )
+        inserted = {str(r[0]) for r in await self._execute(stmt, write=True)}
+        return [first[r.source_url] == i and r.source_url in inserted for i, r in enumerate(rows)]
+
+    async def _recording_md5s(self, urls: list[str]) -> list[str | None]:
+        rows = await self._execute(
+            select(Recording.source_url, Recording.md5).where(
+                Recording.source_url.in_(list(dict.fromkeys(urls)))
+            ),
+            write=False,
+        )
+        found = {str(url): str(md5) for url, md5 in rows}
+        return [found.get(url) for url in urls]
 
     async def insert_failure(self, row: NewFailure) -> bool:
         """Insert ``row``; ``False`` when that topic/partition/offset already failed."""
@@ -185,6 +279,8 @@ class Repository:
 
     async def recording_md5(self, source_url: str) -> str | None:
         """The md5 of the recording ingested from ``source_url``, if there is one."""
+        if self._lookups is not None:
+            return await self._lookups.call(source_url)
         rows = await self._execute(
             select(Recording.md5).where(Recording.source_url == source_url), write=False
         )

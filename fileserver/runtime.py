@@ -56,6 +56,10 @@ def make_s3_client(settings: Settings) -> Any:
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
         s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
+        # Integrity is Content-MD5 on every PUT and part (storage.py): no extra CRC32 pass
+        # over each body, no response checksum validation.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
     )
     return boto3.session.Session().client(
         "s3",
@@ -189,7 +193,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         )
         engine = make_engine(settings)
         stack.push_async_callback(engine.dispose)
-        repo = Repository(engine)
+        repo = Repository(engine, batch_rows=settings.db_batch_rows)
         producer = make_producer(settings)
         try:
             await producer.start()

@@ -161,6 +161,7 @@ class Settings:
     metrics_port: int = 9108
     log_level: str = "INFO"
     commit_interval_s: float = 1.0
+    db_batch_rows: int = 100
     session_timeout_s: float = 30.0
     rebalance_timeout_s: float = 60.0
 
@@ -218,6 +219,7 @@ class Settings:
             metrics_port=_int(e, "METRICS_PORT", d.metrics_port, 0),
             log_level=_level(e, "LOG_LEVEL", d.log_level),
             commit_interval_s=_float(e, "COMMIT_INTERVAL_S", d.commit_interval_s, 0.05),
+            db_batch_rows=_int(e, "DB_BATCH_ROWS", d.db_batch_rows, 1),
             session_timeout_s=_float(e, "SESSION_TIMEOUT_S", d.session_timeout_s, 1.0),
             rebalance_timeout_s=_float(e, "REBALANCE_TIMEOUT_S", d.rebalance_timeout_s, 1.0),
         )
