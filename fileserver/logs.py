@@ -134,5 +134,14 @@ def configure(level: str = "INFO", *, json_lines: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aiokafka", "botocore", "urllib3", "httpx", "httpcore", "faust", "mode"):
+    for noisy in (
+        "aiokafka",
+        "botocore",
+        "urllib3",
+        "httpx",
+        "httpcore",
+        "faust",
+        "mode",
+        "alembic.runtime.plugins",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
