@@ -37,7 +37,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -45,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from fileserver.errors import ConfigError, DependencyUnavailable, PermanentError, RetryableError
 from fileserver.models import Recording
 from fileserver.settings import Settings
+from fileserver.storage import head_object, s3_errors
 
 if TYPE_CHECKING:
     from fileserver.runtime import Runtime
@@ -255,15 +255,8 @@ class Bucket:
         return await self._thread(fn, Bucket=self.name, **kwargs)
 
     async def _thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
+        with s3_errors(self.name):
             return await asyncio.to_thread(fn, *args, **kwargs)
-        except ClientError as exc:
-            err = exc.response.get("Error", {})
-            raise DependencyUnavailable(
-                "s3", f"{err.get('Code', '?')} on bucket {self.name!r}: {err.get('Message', '')}"
-            ) from None
-        except BotoCoreError as exc:
-            raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
 
     async def check(self) -> None:
         await self._call(self._client.head_bucket)
@@ -293,16 +286,11 @@ class Bucket:
 
     async def head(self, key: str) -> tuple[int, str | None] | None:
         """``(size, md5 metadata)`` of ``key``, or ``None`` when it does not exist."""
-        try:
-            resp = await asyncio.to_thread(self._client.head_object, Bucket=self.name, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise DependencyUnavailable("s3", f"HEAD {key}: {exc}") from None
-        except BotoCoreError as exc:
-            raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
-        md5 = resp.get("Metadata", {}).get("md5")
-        return int(resp["ContentLength"]), (str(md5).lower() if md5 else None)
+        stored = await self._thread(head_object, self._client, self.name, key)
+        if stored is None:
+            return None
+        md5 = stored.metadata.get("md5")
+        return stored.size, (str(md5).lower() if md5 else None)
 
     async def move(self, key: str, target: str) -> None:
         """Copy ``key`` to ``target``, check the copy, delete ``key``."""

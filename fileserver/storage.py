@@ -14,8 +14,9 @@ import base64
 import functools
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +43,20 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+@contextmanager
+def s3_errors(bucket: str) -> Iterator[None]:
+    """Translate botocore errors raised inside the block into :class:`DependencyUnavailable`."""
+    try:
+        yield
+    except ClientError as exc:
+        err = exc.response.get("Error", {})
+        raise DependencyUnavailable(
+            "s3", f"{err.get('Code', '?')} on bucket {bucket!r}: {err.get('Message', '')}"
+        ) from None
+    except BotoCoreError as exc:
+        raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
+
+
 class ObjectStore:
     """One bucket, one boto3 client (thread-safe), one bounded thread pool."""
 
@@ -62,18 +77,10 @@ class ObjectStore:
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        try:
+        with s3_errors(self.bucket):
             return await loop.run_in_executor(
                 self._executor, functools.partial(fn, *args, **kwargs)
             )
-        except ClientError as exc:
-            err = exc.response.get("Error", {})
-            code = err.get("Code", "?")
-            raise DependencyUnavailable(
-                "s3", f"{code} on bucket {self.bucket!r}: {err.get('Message', '')}"
-            ) from None
-        except BotoCoreError as exc:
-            raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
 
     async def check_bucket(self) -> None:
         """Raise :class:`DependencyUnavailable` unless the bucket exists and is reachable."""
@@ -136,10 +143,15 @@ class ObjectStore:
         return await self._run(self._head, key)
 
     def _head(self, key: str) -> StoredObject | None:
-        try:
-            resp = self._client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
-        return StoredObject(key=key, size=int(resp["ContentLength"]), metadata=resp["Metadata"])
+        return head_object(self._client, self.bucket, key)
+
+
+def head_object(client: Any, bucket: str, key: str) -> StoredObject | None:
+    """HEAD an object (blocking): its size and metadata, or ``None`` when it is missing."""
+    try:
+        resp = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    return StoredObject(key=key, size=int(resp["ContentLength"]), metadata=resp["Metadata"])
