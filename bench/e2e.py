@@ -71,6 +71,7 @@ class Bench:
     """The servers of one benchmark invocation."""
 
     kafka: str
+    kafka_pid: int | None
     s3: Any
     pg: Any
     source_base: str
@@ -78,6 +79,12 @@ class Bench:
     worker_env: dict[str, str]
     profile: Path | None = None
     metrics_ports: list[int] = field(default_factory=list)
+    source_pid: int | None = None
+
+    def server_pids(self) -> dict[str, int]:
+        """Main process of each server (Postgres backends are not included)."""
+        pids = {"kafka": self.kafka_pid, "seaweedfs": self.s3.pid, "source": self.source_pid}
+        return {k: v for k, v in pids.items() if v}
 
     def stack(self, partitions: int = 1, **extra: str) -> Any:
         """A fresh topic / group / bucket / database, prepared."""
@@ -95,7 +102,7 @@ class Bench:
             dlq_topic=f"bench-dlq-{name}",
             group_id=f"bench-{name}",
             bucket=f"bench-{name}",
-            extra={"FILESERVER_LOG_LEVEL": "WARNING", **self.worker_env, **extra},
+            extra={**self.worker_env, **extra},
         )
         prepare(config, partitions=partitions)
         return config
@@ -179,10 +186,17 @@ class Proc:
         return 0
 
 
+def box_cpu_s() -> float:
+    """Busy CPU seconds of the whole machine (all cores), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _db(url: str) -> Any:
     from sqlalchemy import create_engine
 
-    return create_engine(url.replace("+psycopg", "+psycopg"), pool_size=1)
+    return create_engine(url, pool_size=1)
 
 
 def wait_rows(
@@ -196,7 +210,8 @@ def wait_rows(
         with engine.connect() as conn:
             got = conn.execute(
                 text(
-                    "SELECT (SELECT count(*) FROM recordings) + (SELECT count(*) FROM ingest_failures)"
+                    "SELECT (SELECT count(*) FROM recordings)"
+                    " + (SELECT count(*) FROM ingest_failures)"
                 )
             ).scalar_one()
         if got >= n:
@@ -284,7 +299,13 @@ def run_stream(
                 conn.execute(text("TRUNCATE recordings"))
                 conn.commit()
             stats = [Proc(p.pid) for p in procs]
+            idle0 = sum(s.cpu_s() for s in stats)
+            time.sleep(2.0)
+            idle = (sum(s.cpu_s() for s in stats) - idle0) / 2.0
             cpu0 = sum(s.cpu_s() for s in stats)
+            box0 = box_cpu_s()
+            servers = {name: Proc(pid) for name, pid in bench.server_pids().items()}
+            servers0 = {name: p.cpu_s() for name, p in servers.items()}
             main0 = sum(s.main_thread_cpu_s() for s in stats)
             stages0 = stage_seconds(bench.metrics_ports[-workers_count:])
             values = [event(make_url(tag, i), i) for i in range(n)]
@@ -295,6 +316,8 @@ def run_stream(
             )
             wait_rows(engine, n, timeout, procs)
             cpu = sum(s.cpu_s() for s in stats) - cpu0
+            box = box_cpu_s() - box0
+            server_cpu = {name: p.cpu_s() - servers0[name] for name, p in servers.items()}
             main_cpu = sum(s.main_thread_cpu_s() for s in stats) - main0
             stages1 = stage_seconds(bench.metrics_ports[-workers_count:])
             rss = max(s.status_kb("VmHWM") for s in stats) / 1024
@@ -322,6 +345,9 @@ def run_stream(
         offered_rate=rate,
         extra={
             "main_thread_cpu_ms_per_event": round(main_cpu * 1000 / n, 2),
+            "box_cpu_ms_per_event": round(box * 1000 / n, 2),
+            "idle_worker_cpu_percent": round(idle * 100, 1),
+            "server_cpu_ms_per_event": {k: round(v * 1000 / n, 2) for k, v in server_cpu.items()},
             "stage_mean_ms": {
                 k: round(
                     (stages1[k][0] - stages0.get(k, (0.0, 0.0))[0])
@@ -387,7 +413,7 @@ async def _naive(config: Any, n: int) -> tuple[float, float]:
             assert isinstance(ev, TalkEvent)
             body = http.get(ev.file_path).raise_for_status().content
             md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
-            audio = mutagen.mp3.MP3(io.BytesIO(body))
+            audio: Any = mutagen.mp3.MP3(io.BytesIO(body))  # type: ignore[no-untyped-call]
             key = object_key(ev, md5)
             import base64
 
@@ -495,8 +521,9 @@ def table(results: dict[str, list[Run]]) -> str:
         f"{'p50 ms':>8}{'p99 ms':>8}{'RSS MB':>8}   each run (events/s)"
     ]
     for case, runs in results.items():
+        rate = _fmt(_med([r.rate for r in runs]), ",.0f")
         lines.append(
-            f"{case:<22}{len(runs):>5}{runs[0].events:>8}{_fmt(_med([r.rate for r in runs]), ',.0f'):>10}"
+            f"{case:<22}{len(runs):>5}{runs[0].events:>8}{rate:>10}"
             f"{_fmt(_med([r.cpu_ms_per_event for r in runs]), '.2f'):>10}"
             f"{_fmt(_med([r.p50_ms for r in runs]), '.0f'):>8}"
             f"{_fmt(_med([r.p99_ms for r in runs]), '.0f'):>8}"
@@ -565,7 +592,12 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "bench.sources", "--port", str(port), "--clips", str(clips)],
             stdin=subprocess.DEVNULL,
         )
-        stack.callback(lambda: (source.terminate(), source.wait(10)))
+
+        def stop_source() -> None:
+            source.terminate()
+            source.wait(10)
+
+        stack.callback(stop_source)
         while not port_open(port):
             time.sleep(0.05)
         for key, value in {
@@ -574,8 +606,16 @@ def main(argv: list[str] | None = None) -> int:
         }.items():
             os.environ[key] = value
         bench = Bench(
-            kafka.bootstrap, s3, pg, f"http://127.0.0.1:{port}", workdir, worker_env, args.profile
+            kafka.bootstrap,
+            kafka.pid,
+            s3,
+            pg,
+            f"http://127.0.0.1:{port}",
+            workdir,
+            worker_env,
+            args.profile,
         )
+        bench.source_pid = source.pid
 
         def record(run: Run, name: str | None = None) -> None:
             results.setdefault(name or run.case, []).append(run)

@@ -14,7 +14,12 @@ import sys
 def main() -> None:
     out = sys.argv.pop(1)
     profiler = cProfile.Profile()
-    atexit.register(lambda: (profiler.disable(), profiler.dump_stats(out)))
+
+    def dump() -> None:
+        profiler.disable()
+        profiler.dump_stats(out)
+
+    atexit.register(dump)
     from fileserver.cli import main as cli
 
     profiler.enable()

@@ -27,6 +27,7 @@ from fileserver.repository import NewRecording, Repository
 from fileserver.storage import ObjectStore
 
 log = logging.getLogger(__name__)
+INLINE_PROBE_BYTES = 64 * 1024
 
 
 class Outcome(StrEnum):
@@ -110,7 +111,10 @@ class Ingestor:
 
     @staticmethod
     async def probe(download: Download) -> AudioInfo:
-        """Read the file as MPEG audio (off the event loop)."""
+        """Read the file as MPEG audio: inline when small (a 9 KB clip takes ~0.2 ms,
+        less than a thread hand-off costs), off the event loop otherwise."""
+        if download.size <= INLINE_PROBE_BYTES:
+            return probe(download.path)
         return await asyncio.to_thread(probe, download.path)
 
     async def upload(self, event: TalkEvent, download: Download) -> str:

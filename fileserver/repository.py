@@ -155,6 +155,7 @@ class Repository:
         """``batch_rows`` > 1 groups concurrent :meth:`insert_recording` and
         :meth:`recording_md5` calls into one statement each (up to that many rows)."""
         self._engine = engine
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._inserts: Coalescer[NewRecording, bool] | None = None
         self._lookups: Coalescer[str, str | None] | None = None
         if batch_rows > 1:
@@ -162,11 +163,11 @@ class Repository:
             self._lookups = Coalescer(self._recording_md5s, max_items=batch_rows)
 
     async def _execute(self, statement: Any, *, write: bool) -> Any:
+        """Run one statement in autocommit mode: a single statement is atomic, and it is
+        committed when this returns, without BEGIN / COMMIT / ROLLBACK round trips."""
+        del write  # every statement here is a single one: atomic and durable on return
         try:
-            if write:
-                async with self._engine.begin() as conn:
-                    return (await conn.execute(statement)).all()
-            async with self._engine.connect() as conn:
+            async with self._autocommit.connect() as conn:
                 return (await conn.execute(statement)).all()
         except DBAPIError as exc:
             if _is_connection_error(exc):
