@@ -33,9 +33,6 @@ from typing import Any, TextIO, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from sqlalchemy import select, tuple_
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fileserver.errors import (
     ConfigError,
@@ -44,7 +41,6 @@ from fileserver.errors import (
     SourceUnavailable,
 )
 from fileserver.events import SkippedEvent, TalkEvent, object_key, parse_event
-from fileserver.models import IngestFailure, Recording
 from fileserver.pipeline import Outcome, Result
 from fileserver.probe import check_duration
 from fileserver.processor import Processor
@@ -480,70 +476,6 @@ class Tally:
 # --------------------------------------------------------------------------- database
 
 
-def _connection_error(exc: DBAPIError) -> bool:
-    return bool(exc.connection_invalidated) or isinstance(exc, OperationalError | InterfaceError)
-
-
-async def _db(engine: AsyncEngine, statement: Any, *, write: bool = False) -> list[Any]:
-    """Run one statement; connection failures become :class:`DependencyUnavailable`."""
-    try:
-        if write:
-            async with engine.begin() as conn:
-                result = await conn.execute(statement)
-                return list(result.all()) if result.returns_rows else []
-        async with engine.connect() as conn:
-            return list((await conn.execute(statement)).all())
-    except DBAPIError as exc:
-        if _connection_error(exc):
-            raise DependencyUnavailable("postgres", str(exc.orig).strip()[:300]) from None
-        raise
-    except OSError as exc:
-        raise DependencyUnavailable("postgres", str(exc)) from None
-
-
-async def failed_positions(
-    engine: AsyncEngine, topic: str, positions: Iterable[tuple[int, int]]
-) -> set[tuple[int, int]]:
-    """The ``(partition, offset)`` pairs of ``topic`` that have an ``ingest_failures`` row."""
-    wanted = list(dict.fromkeys(positions))
-    found: set[tuple[int, int]] = set()
-    pair = tuple_(IngestFailure.kafka_partition, IngestFailure.kafka_offset)
-    for start in range(0, len(wanted), LOOKUP_BATCH):
-        batch = wanted[start : start + LOOKUP_BATCH]
-        rows = await _db(
-            engine,
-            select(IngestFailure.kafka_partition, IngestFailure.kafka_offset).where(
-                IngestFailure.kafka_topic == topic, pair.in_(batch)
-            ),
-        )
-        found.update((int(r[0]), int(r[1])) for r in rows)
-    return found
-
-
-@dataclass(frozen=True)
-class StoredRow:
-    """What ``--verify`` compares: a recording row's content and object."""
-
-    md5: str
-    size_bytes: int
-    s3_bucket: str
-    s3_key: str
-
-
-async def recording_row(engine: AsyncEngine, source_url: str) -> StoredRow | None:
-    """The row ingested from ``source_url``, if any."""
-    rows = await _db(
-        engine,
-        select(Recording.md5, Recording.size_bytes, Recording.s3_bucket, Recording.s3_key).where(
-            Recording.source_url == source_url
-        ),
-    )
-    if not rows:
-        return None
-    md5, size, bucket, key = rows[0]
-    return StoredRow(str(md5).strip(), int(size), str(bucket), str(key))
-
-
 def _object_matches(stored: StoredObject | None, size: int, md5: str) -> bool:
     if stored is None or stored.size != size:
         return False
@@ -673,7 +605,7 @@ class Backfill:
             positions = [(records[i].partition, records[i].offset) for i in rest]
             failed = await self._retrying(
                 "ingest_failures look-up",
-                lambda: failed_positions(self.runtime.engine, self.plan.topic, positions),
+                lambda: self.runtime.repo.failed_positions(self.plan.topic, positions),
             )
         for i, record in enumerate(records):
             event = talk.get(i)
@@ -823,7 +755,7 @@ class Backfill:
                 return kind
 
     async def _check_present(self, record: SourceRecord, event: TalkEvent) -> Kind:
-        row = await recording_row(self.runtime.engine, event.file_path)
+        row = await self.runtime.repo.recording_row(event.file_path)
         if row is None:  # deleted since the batch look-up: ingest it like a new event
             return await self._ingest(record)
         store = self.runtime.store
@@ -857,7 +789,7 @@ class Backfill:
         while True:
             attempt += 1
             try:
-                row = await recording_row(self.runtime.engine, event.file_path)
+                row = await self.runtime.repo.recording_row(event.file_path)
                 stored = await self.runtime.store.head(row.s3_key) if row else None
                 break
             except DependencyUnavailable as exc:

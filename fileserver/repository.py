@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -142,6 +142,16 @@ class FailureFilter:
     since: datetime | None = None
     until: datetime | None = None
     limit: int | None = None
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """What ``backfill --verify`` compares: a recording row's content and object."""
+
+    md5: str
+    size_bytes: int
+    s3_bucket: str
+    s3_key: str
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:
@@ -286,6 +296,37 @@ class Repository:
             select(Recording.md5).where(Recording.source_url == source_url), write=False
         )
         return str(rows[0][0]) if rows else None
+
+    async def recording_row(self, source_url: str) -> StoredRow | None:
+        """The content and object of the row ingested from ``source_url``, if any."""
+        rows = await self._execute(
+            select(
+                Recording.md5, Recording.size_bytes, Recording.s3_bucket, Recording.s3_key
+            ).where(Recording.source_url == source_url),
+            write=False,
+        )
+        if not rows:
+            return None
+        md5, size, bucket, key = rows[0]
+        return StoredRow(str(md5).strip(), int(size), str(bucket), str(key))
+
+    async def failed_positions(
+        self, topic: str, positions: Iterable[tuple[int, int]]
+    ) -> set[tuple[int, int]]:
+        """The ``(partition, offset)`` pairs of ``topic`` that have a failure row, batched."""
+        wanted = list(dict.fromkeys(positions))
+        found: set[tuple[int, int]] = set()
+        pair = tuple_(IngestFailure.kafka_partition, IngestFailure.kafka_offset)
+        for start in range(0, len(wanted), LOOKUP_BATCH):
+            batch = wanted[start : start + LOOKUP_BATCH]
+            rows = await self._execute(
+                select(IngestFailure.kafka_partition, IngestFailure.kafka_offset).where(
+                    IngestFailure.kafka_topic == topic, pair.in_(batch)
+                ),
+                write=False,
+            )
+            found.update((int(r[0]), int(r[1])) for r in rows)
+        return found
 
     async def existing_source_urls(self, urls: Iterable[str]) -> set[str]:
         """The subset of ``urls`` that already have a row, in batched look-ups."""
