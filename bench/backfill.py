@@ -35,8 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.e2e import BASE_TS, event
+
 RESULTS = Path(__file__).resolve().parent / "results"
-BASE_TS = 1569569600
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,7 @@ class Run:
 
 
 def _event(i: int) -> bytes:
-    ts = BASE_TS + i
-    return json.dumps(
-        {
-            "msg_type": 1,
-            "ip": "127.0.0.1",
-            "ptt_msg": {
-                "uid": str(i % 500),
-                "grp_id": str(i % 17),
-                "timestamp": str(ts),
-                "file_path": f"http://127.0.0.1:9/bench/room_1_user_{i}_{ts}.mp3",
-                "md5": "md5",
-            },
-        }
-    ).encode()
+    return event(f"http://127.0.0.1:9/bench/room_1_user_{i}_{BASE_TS + i}.mp3", i)
 
 
 async def _publish(bootstrap: str, topic: str, n: int, partitions: int) -> list[tuple[int, int]]:

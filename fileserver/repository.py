@@ -118,17 +118,10 @@ class NewFailure:
 
 
 @dataclass(frozen=True)
-class FailureRow:
+class FailureRow(NewFailure):
     """A row of ``ingest_failures``."""
 
     id: int
-    kafka_topic: str
-    kafka_partition: int
-    kafka_offset: int
-    reason: str
-    detail: str
-    source_url: str | None
-    payload: bytes | None
     failed_at: datetime
 
 
