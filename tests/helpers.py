@@ -104,3 +104,26 @@ async def read_all(bootstrap: str, topic: str, timeout_ms: int = 3000) -> list[A
         return records
     finally:
         await consumer.stop()
+
+
+async def group_members(bootstrap: str, group: str) -> int:
+    """How many members the consumer group has with an assignment (Apache Kafka admin API)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from aiokafka.errors import KafkaError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([group])
+    except KafkaError:  # the group does not exist yet
+        return 0
+    finally:
+        await admin.close()
+    members = 0
+    for response in described:
+        for entry in response.groups:
+            state, members_list = entry[2], entry[5]
+            if state == "Stable":
+                members += sum(1 for m in members_list if m[-1])
+    return members

@@ -15,7 +15,15 @@ from pathlib import Path
 
 from fileserver.devstack.samples import SampleServer, make_mp3, talk_event
 from fileserver.devstack.stack import StackConfig, publish, start_worker
-from tests.helpers import committed_offsets, count, query, stop_process, tail, wait_until
+from tests.helpers import (
+    committed_offsets,
+    count,
+    group_members,
+    query,
+    stop_process,
+    tail,
+    wait_until,
+)
 
 
 def _committed(stack: StackConfig) -> dict[int, int]:
@@ -128,12 +136,21 @@ def test_two_workers_share_partitions_and_survive_one_stopping(
     a = start_worker(stack, log_path=log_a, extra_env=env)
     b = start_worker(stack, log_path=log_b, extra_env=env)
     try:
+        wait_until(
+            lambda: asyncio.run(group_members(stack.kafka_bootstrap, stack.group_id)) == 2,
+            timeout=120,
+            what=f"both workers in the group\n{tail(log_a)}\n{tail(log_b)}",
+        )
         events = [talk_event(srv.url(p)) for p in paths]
         asyncio.run(publish(stack.kafka_bootstrap, stack.topic, events[: n // 2]))
         wait_until(
-            lambda: count(stack.database_url, "recordings") >= n // 4,
+            lambda: (
+                count(stack.database_url, "recordings") >= n // 4
+                and "ingested" in log_a.read_text()
+                and "ingested" in log_b.read_text()
+            ),
             timeout=120,
-            what=f"progress with two workers\n{tail(log_a)}\n{tail(log_b)}",
+            what=f"progress on both workers\n{tail(log_a)}\n{tail(log_b)}",
         )
         assert stop_process(a, timeout=60) == 0, tail(log_a)  # its partitions move to b
         asyncio.run(publish(stack.kafka_bootstrap, stack.topic, events[n // 2 :]))
