@@ -109,7 +109,6 @@ async def read_all(bootstrap: str, topic: str, timeout_ms: int = 3000) -> list[A
 async def group_members(bootstrap: str, group: str) -> int:
     """How many members the consumer group has with an assignment (Apache Kafka admin API)."""
     from aiokafka.admin import AIOKafkaAdminClient
-
     from aiokafka.errors import KafkaError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
