@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
+import aiohttp
 import boto3
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -26,6 +27,7 @@ from fileserver.pipeline import Ingestor
 from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.repository import Repository
 from fileserver.resolve import system_resolver
+from fileserver.s3_aiohttp import AiohttpPutter
 from fileserver.settings import Settings, redact_url
 from fileserver.sources import SourcePolicy
 from fileserver.storage import ObjectStore
@@ -48,7 +50,7 @@ class Runtime:
     health: Health
 
 
-def make_s3_client(settings: Settings) -> Any:
+def make_s3_client(settings: Settings, session: boto3.session.Session | None = None) -> Any:
     """A boto3 S3 client; retries are fileserver's own (see processor), not botocore's."""
     config = Config(
         max_pool_connections=max(10, settings.s3_threads),
@@ -61,12 +63,38 @@ def make_s3_client(settings: Settings) -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return boto3.session.Session().client(
+    return (session or boto3.session.Session()).client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         region_name=settings.s3_region,
         config=config,
         verify=settings.s3_verify,  # True, False or a CA bundle path (FILESERVER_S3_VERIFY)
+    )
+
+
+async def make_s3_putter(
+    settings: Settings, client: Any, session: boto3.session.Session, stack: AsyncExitStack
+) -> AiohttpPutter:
+    """The aiohttp PUT path of ``FILESERVER_S3_TRANSPORT=aiohttp`` (closed with ``stack``)."""
+    verify = settings.s3_verify
+    ssl_option: ssl.SSLContext | bool = (
+        ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+    )
+    http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.concurrency, ssl=ssl_option),
+        timeout=aiohttp.ClientTimeout(
+            sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+        ),
+        trust_env=False,
+        auto_decompress=False,
+    )
+    stack.push_async_callback(http.close)
+    return AiohttpPutter.for_client(
+        http,
+        client,
+        settings.s3_bucket,
+        credentials=session.get_credentials(),
+        timeout_s=settings.connect_timeout_s + settings.read_timeout_s,
     )
 
 
@@ -198,12 +226,18 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         # contention with the event loop (FILESERVER_S3_THREADS).
         executor = ThreadPoolExecutor(max_workers=settings.s3_threads, thread_name_prefix="s3")
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        boto_session = boto3.session.Session()
+        s3_client = make_s3_client(settings, boto_session)
+        putter = None
+        if settings.s3_transport == "aiohttp":
+            putter = await make_s3_putter(settings, s3_client, boto_session, stack)
         store = ObjectStore(
-            make_s3_client(settings),
+            s3_client,
             settings.s3_bucket,
             executor,
             multipart_threshold=settings.multipart_threshold_bytes,
             chunk_size=settings.multipart_chunk_bytes,
+            putter=putter,
         )
         engine = make_engine(settings)
         stack.push_async_callback(engine.dispose)

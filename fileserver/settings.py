@@ -163,6 +163,7 @@ class Settings:
     commit_interval_s: float = 1.0
     db_batch_rows: int = 100
     http_transport: str = "httpx"
+    s3_transport: str = "boto3"
     s3_threads: int = 8
     session_timeout_s: float = 30.0
     rebalance_timeout_s: float = 60.0
@@ -223,6 +224,7 @@ class Settings:
             commit_interval_s=_float(e, "COMMIT_INTERVAL_S", d.commit_interval_s, 0.05),
             db_batch_rows=_int(e, "DB_BATCH_ROWS", d.db_batch_rows, 1),
             http_transport=_str(e, "HTTP_TRANSPORT", d.http_transport).lower(),
+            s3_transport=_str(e, "S3_TRANSPORT", d.s3_transport).lower(),
             s3_threads=_int(e, "S3_THREADS", d.s3_threads, 1),
             session_timeout_s=_float(e, "SESSION_TIMEOUT_S", d.session_timeout_s, 1.0),
             rebalance_timeout_s=_float(e, "REBALANCE_TIMEOUT_S", d.rebalance_timeout_s, 1.0),
@@ -245,6 +247,8 @@ class Settings:
             )
         if self.http_transport not in ("httpx", "aiohttp"):
             raise ConfigError(f"{PREFIX}HTTP_TRANSPORT must be httpx or aiohttp")
+        if self.s3_transport not in ("boto3", "aiohttp"):
+            raise ConfigError(f"{PREFIX}S3_TRANSPORT must be boto3 or aiohttp")
         if self.metrics_port > 65535:
             raise ConfigError(f"{PREFIX}METRICS_PORT={self.metrics_port} is not a TCP port")
         self._validate_security()

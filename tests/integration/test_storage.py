@@ -9,12 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import boto3
 import pytest
 
 from fileserver.errors import DependencyUnavailable
 from fileserver.runtime import make_s3_client
+from fileserver.s3_aiohttp import AiohttpPutter, object_url_prefix
 from fileserver.settings import Settings
-from fileserver.storage import ObjectStore
+from fileserver.storage import FAST_PUT_MAX_BYTES, ObjectStore
 
 MiB = 1024 * 1024
 
@@ -37,17 +40,39 @@ def store(seaweed: Any, bucket: str, **kw: Any) -> ObjectStore:
     return ObjectStore(client(seaweed), bucket, ThreadPoolExecutor(4), **kw)
 
 
+@pytest.fixture(params=["boto3", "aiohttp"])
+async def put_store(request: Any, seaweed: Any, bucket: str) -> Any:
+    """An ObjectStore on each S3 transport (FILESERVER_S3_TRANSPORT)."""
+    if request.param == "boto3":
+        yield store(seaweed, bucket)
+        return
+    async with aiohttp.ClientSession() as http:
+        yield store(seaweed, bucket, putter=putter(seaweed, http, bucket))
+
+
+def putter(
+    seaweed: Any, http: aiohttp.ClientSession, bucket: str, secret: str | None = None
+) -> AiohttpPutter:
+    session = boto3.session.Session(
+        aws_access_key_id=seaweed.access_key,
+        aws_secret_access_key=secret or seaweed.secret_key,
+    )
+    return AiohttpPutter.for_client(
+        http, client(seaweed), bucket, credentials=session.get_credentials(), timeout_s=10
+    )
+
+
 def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
 async def test_single_put_round_trip_with_metadata(
-    seaweed: Any, bucket: str, tmp_path: Path
+    seaweed: Any, bucket: str, tmp_path: Path, put_store: ObjectStore
 ) -> None:
     data = os.urandom(100_000)
     path = tmp_path / "a.mp3"
     path.write_bytes(data)
-    s = store(seaweed, bucket)
+    s = put_store
     await s.put_file("1/14/2019/09/27/x.mp3", path, _md5(data), {"uid": "14", "md5": _md5(data)})
     got = client(seaweed).get_object(Bucket=bucket, Key="1/14/2019/09/27/x.mp3")
     assert got["Body"].read() == data
@@ -57,10 +82,10 @@ async def test_single_put_round_trip_with_metadata(
     assert head is not None and head.size == len(data)
 
 
-async def test_store_rejects_a_wrong_content_md5(seaweed: Any, bucket: str, tmp_path: Path) -> None:
+async def test_store_rejects_a_wrong_content_md5(tmp_path: Path, put_store: ObjectStore) -> None:
     path = tmp_path / "a.mp3"
     path.write_bytes(b"the real bytes")
-    s = store(seaweed, bucket)
+    s = put_store
     with pytest.raises(DependencyUnavailable, match=r"BadDigest|InvalidDigest"):
         await s.put_file("k.mp3", path, _md5(b"other bytes"), {})
     assert await s.head("k.mp3") is None
@@ -91,3 +116,68 @@ async def test_unreachable_endpoint_is_a_dependency_error(seaweed: Any, tmp_path
     s = ObjectStore(client(seaweed, f"http://127.0.0.1:{free_port()}"), "b", ThreadPoolExecutor(1))
     with pytest.raises(DependencyUnavailable, match="s3"):
         await s.check_bucket()
+
+
+async def test_aiohttp_putter_leaves_large_objects_to_boto3(
+    seaweed: Any, bucket: str, tmp_path: Path
+) -> None:
+    data = os.urandom(FAST_PUT_MAX_BYTES + 1)
+    path = tmp_path / "big.mp3"
+    path.write_bytes(data)
+    small = tmp_path / "small.mp3"
+    small.write_bytes(b"x")
+    async with aiohttp.ClientSession() as http:
+        fast = putter(seaweed, http, bucket)
+        calls: list[str] = []
+        original = fast.put
+
+        async def spy(key: str, *args: Any) -> None:
+            calls.append(key)
+            await original(key, *args)
+
+        fast.put = spy  # type: ignore[method-assign]
+        s = store(seaweed, bucket, putter=fast)
+        await s.put_file("big.mp3", path, _md5(data), {})
+        await s.put_file("small.mp3", small, _md5(b"x"), {})
+    assert calls == ["small.mp3"]
+    body = client(seaweed).get_object(Bucket=bucket, Key="big.mp3")["Body"].read()
+    assert body == data
+
+
+async def test_aiohttp_putter_reports_bad_credentials_and_missing_bucket(
+    seaweed: Any, bucket: str
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        wrong = putter(seaweed, http, bucket, secret="not-the-secret")
+        with pytest.raises(DependencyUnavailable, match=r"SignatureDoesNotMatch|AccessDenied"):
+            await wrong.put("a.mp3", b"abc", _md5(b"abc"), "audio/mpeg", {})
+        missing = putter(seaweed, http, "no-such-bucket-here")
+        with pytest.raises(DependencyUnavailable, match="NoSuchBucket"):
+            await missing.put("a.mp3", b"abc", _md5(b"abc"), "audio/mpeg", {})
+    assert client(seaweed).list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+async def test_aiohttp_putter_unreachable_endpoint(seaweed: Any) -> None:
+    from fileserver.devstack.servers import free_port
+
+    async with aiohttp.ClientSession() as http:
+        dead = AiohttpPutter(
+            http,
+            prefix=f"http://127.0.0.1:{free_port()}/b/",
+            bucket="b",
+            credentials=boto3.session.Session(
+                aws_access_key_id="a", aws_secret_access_key="b"
+            ).get_credentials(),
+            region="us-east-1",
+            timeout_s=5,
+        )
+        with pytest.raises(DependencyUnavailable, match=r"s3.*ClientConnectorError"):
+            await dead.put("a.mp3", b"abc", _md5(b"abc"), "audio/mpeg", {})
+
+
+def test_object_url_prefix_follows_botocore_addressing(seaweed: Any) -> None:
+    assert object_url_prefix(client(seaweed), "my-bucket") == f"{seaweed.endpoint_url}/my-bucket/"
+    aws = boto3.session.Session(
+        aws_access_key_id="a", aws_secret_access_key="b", region_name="eu-west-1"
+    ).client("s3")
+    assert object_url_prefix(aws, "my-bucket") == "https://my-bucket.s3.amazonaws.com/"
