@@ -5,9 +5,10 @@ source server in its own process (:mod:`bench.sources`) serving realistic clips 
 16 kHz mono, 24 kbps CBR, ~9 KB), then runs the selected cases, each ``--runs`` times
 with fresh topics, group, bucket and database:
 
-* ``throughput``: one ``fileserver worker`` process (default settings). After a warm-up
-  event, N seed-format events are published as fast as possible; events/s is N over the
-  time from the first publish to the last row's ``ingested_at``. Also: worker CPU per
+* ``throughput``: one ``fileserver worker`` process (the settings of ``--preset``, by
+  default the code defaults, plus ``--env``). After a warm-up event, N seed-format
+  events are published as fast as possible; events/s is N over the time from the first
+  publish to the last row's ``ingested_at``. Also: worker CPU per
   event (utime+stime from /proc), peak RSS (VmHWM), p50/p99 publish→row latency. Then a
   paced run at half the median maximum rate gives the latency at that load.
 * ``naive``: the sequential baseline with the same libraries, in this process: consume
@@ -43,6 +44,12 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE_TS = 1569569600
 CASES = ("throughput", "naive", "scale", "clips", "large")
+# Worker settings presets (``--preset``): the code defaults (the design card's httpx,
+# boto3, SQLAlchemy/psycopg) and the aiohttp options behind the same interfaces.
+PRESETS: dict[str, dict[str, str]] = {
+    "defaults": {},
+    "aiohttp": {"FILESERVER_HTTP_TRANSPORT": "aiohttp", "FILESERVER_S3_TRANSPORT": "aiohttp"},
+}
 N_CLIPS = 64
 
 
@@ -554,6 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-events", type=int, default=600, help="events per naive run")
     parser.add_argument("--runs", type=int, default=3, help="runs of each case (default 3)")
     parser.add_argument("--large-mb", type=int, default=1024, help="size of the large case")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="defaults",
+        help="worker settings preset: code defaults, or the aiohttp download and S3 transports",
+    )
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the worker")
     parser.add_argument("--label", default="", help="name of this configuration in the JSON")
     parser.add_argument("--profile", type=Path, help="run workers under cProfile, dump here")
@@ -562,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c.strip() for c in args.case.split(",") if c.strip()]
     if unknown := set(cases) - set(CASES):
         parser.error(f"unknown case(s) {sorted(unknown)}; choose from {CASES}")
-    worker_env = dict(kv.split("=", 1) for kv in args.env)
+    worker_env = {**PRESETS[args.preset], **dict(kv.split("=", 1) for kv in args.env)}
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from fileserver.devstack.samples import make_mp3
@@ -647,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                 record(run_stream(bench, "throughput", n, rate=half), "latency at half max")
         if "large" in cases:
             record(run_large(bench, args.large_mb * 1024 * 1024))
+        print(f"worker preset: {args.preset} {worker_env or ''}")
         print(table(results))
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -656,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "benchmark": "end-to-end worker",
                     "label": args.label,
+                    "preset": args.preset,
                     "argv": sys.argv,
                     "worker_env": worker_env,
                     "cpus": os.cpu_count(),
