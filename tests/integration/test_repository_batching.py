@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import fields, replace
+from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from fileserver.errors import DependencyUnavailable
 from fileserver.migrate import upgrade
-from fileserver.repository import Coalescer, Repository
-from tests.helpers import count
+from fileserver.repository import Coalescer, NewRecording, Repository
+from tests.helpers import count, query
 from tests.integration.test_repository import _row
 
 
@@ -63,3 +67,144 @@ async def test_a_failed_batch_fails_every_caller_of_it() -> None:
     batch = next(c for c in calls if 13 in c)
     assert failed == batch
     assert all(results[i] == i * 2 for i in range(30) if i not in batch)
+
+
+def _odd_row(i: int, **changes: object) -> NewRecording:
+    """A row with values at the edges of each column's type."""
+    values: dict[str, object] = dict(
+        uid=2**63 - 1 - i,
+        grp_id=-(2**63) + i,
+        m_type="NULL",  # the word, not a NULL
+        source_ip=None,
+        # not UTC, with microseconds
+        event_time=datetime(
+            2019, 9, 27, 9, 34, 57, 123456 + i, tzinfo=timezone(timedelta(hours=2))
+        ),
+        md5=f"{i:032x}",
+        size_bytes=2**40 + i,
+        duration_ms=2**31 - 1,
+        bitrate=-(2**31),
+        sample_rate=0,
+        channels=2**15 - 1,
+        s3_bucket="",
+        s3_key=f'a "quoted", {{braced}} \\ back\tslash é ☃ {i}',
+        kafka_topic=" leading and trailing ",
+        kafka_partition=-1,
+    )
+    return replace(_row(f"http://127.0.0.1/odd/{i}.mp3", offset=2**62 + i), **(values | changes))
+
+
+_COLUMNS = [f.name for f in fields(NewRecording)]
+
+
+def _stored(database_url: str) -> list[NewRecording]:
+    rows = query(database_url, f"SELECT {', '.join(_COLUMNS)} FROM recordings ORDER BY id")
+    return [NewRecording(*row) for row in rows]
+
+
+async def test_a_batch_answers_first_wins_duplicates_and_existing_rows_exactly(
+    repo: Repository, database_url: str
+) -> None:
+    existing = _row("http://127.0.0.1/existing.mp3", offset=1)
+    assert await repo.insert_recording(existing)
+    a, b = _row("http://127.0.0.1/a.mp3", 10), _row("http://127.0.0.1/b.mp3", 11)
+    a2, b2 = replace(a, kafka_offset=12), replace(b, kafka_offset=13)
+    existing2 = replace(existing, kafka_offset=14)
+    batch = [a, existing2, a2, b, existing, b2, a]
+    assert await repo._insert_recordings(batch) == [True, False, False, True, False, False, False]
+    # the first of each source_url is the one stored
+    stored = {r.source_url: r.kafka_offset for r in _stored(database_url)}
+    assert stored == {existing.source_url: 1, a.source_url: 10, b.source_url: 11}
+    # the same batch again: nothing is new
+    assert await repo._insert_recordings(batch) == [False] * len(batch)
+    assert count(database_url, "recordings") == 3
+
+
+async def test_concurrent_callers_with_duplicates_get_one_true_per_new_url(
+    repo: Repository, database_url: str
+) -> None:
+    rows = [_row(f"http://127.0.0.1/{i % 30}.mp3", offset=i) for i in range(90)]
+    assert await repo.insert_recording(rows[0])  # url 0 already exists
+    inserted = await asyncio.gather(*(repo.insert_recording(r) for r in rows[1:]))
+    by_url: dict[str, list[bool]] = {}
+    for row, ok in zip(rows[1:], inserted, strict=True):
+        by_url.setdefault(row.source_url, []).append(ok)
+    assert by_url.pop(rows[0].source_url) == [False, False]
+    assert all(sorted(oks) == [False, False, True] for oks in by_url.values())
+    assert count(database_url, "recordings") == 30
+
+
+async def test_values_round_trip_exactly(repo: Repository, database_url: str) -> None:
+    # a batch whose source_ip is all None, then one mixing None and addresses
+    first = [_odd_row(i) for i in range(3)]
+    second = [
+        _odd_row(3, source_ip="::1"),
+        _odd_row(4),
+        _odd_row(5, source_ip="NULL"),
+        _odd_row(6, source_ip=""),
+    ]
+    assert await repo._insert_recordings(first) == [True] * 3
+    assert await repo._insert_recordings(second) == [True] * 4
+    stored = _stored(database_url)
+    assert stored == first + second
+    assert all(r.event_time.utcoffset() is not None for r in stored)
+    assert [r.source_ip for r in stored] == [None, None, None, "::1", None, "NULL", ""]
+
+
+async def test_an_overlong_value_fails_the_batch_instead_of_being_cut(
+    repo: Repository, database_url: str
+) -> None:
+    with pytest.raises(DBAPIError, match="too long"):
+        await repo._insert_recordings([_row(), replace(_row("http://h/x"), md5="0" * 33)])
+    assert count(database_url, "recordings") == 0
+
+
+async def test_lookups_of_many_urls_present_missing_and_repeated(repo: Repository) -> None:
+    rows = [_odd_row(i) for i in range(150)]
+    assert all(await asyncio.gather(*(repo.insert_recording(r) for r in rows)))
+    missing = [f"{r.source_url}?missing" for r in rows[:100]] + ["", "NULL", 'x"{,}\\']
+    urls = [r.source_url for r in rows] + missing + [r.source_url for r in rows[:20]]
+    expected = [r.md5 for r in rows] + [None] * len(missing) + [r.md5 for r in rows[:20]]
+    assert await asyncio.gather(*(repo.recording_md5(u) for u in urls)) == expected
+    # one statement for all of them (more than a batch of the coalescer)
+    assert await repo._recording_md5s(urls) == expected
+    assert await repo._recording_md5s(["http://nowhere/"]) == [None]
+
+
+async def test_unreachable_database_is_a_dependency_error_for_batches() -> None:
+    from fileserver.devstack.servers import free_port
+
+    engine = create_async_engine(
+        f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/x",
+        connect_args={"connect_timeout": 2},
+    )
+    repo = Repository(engine, batch_rows=10)
+    try:
+        with pytest.raises(DependencyUnavailable, match="postgres"):
+            await asyncio.gather(repo.insert_recording(_row()), repo.insert_recording(_row("y")))
+        with pytest.raises(DependencyUnavailable, match="postgres"):
+            await asyncio.gather(repo.recording_md5("a"), repo.recording_md5("b"))
+    finally:
+        await engine.dispose()
+
+
+def test_lookup_plan_probes_the_index_even_when_planned_on_an_empty_table(
+    database_url: str,
+) -> None:
+    """Once psycopg prepares the look-up, Postgres may reuse a generic plan made while
+    the table was small; it must still probe the unique index, not scan the table."""
+    from sqlalchemy.dialects import postgresql
+
+    from fileserver.repository import _MD5_BY_URLS
+
+    if int(query(database_url, "SHOW server_version_num")[0][0]) < 160000:
+        pytest.skip("EXPLAIN (GENERIC_PLAN) needs Postgres 16")
+    upgrade(database_url)
+    sql = str(_MD5_BY_URLS.compile(dialect=postgresql.psycopg.dialect()))
+    assert "%(urls)s" in sql
+    plan = "\n".join(
+        str(r[0])
+        for r in query(database_url, "EXPLAIN (GENERIC_PLAN) " + sql.replace("%(urls)s", "$1"))
+    )
+    assert "uq_recordings_source_url" in plan, plan
+    assert "Seq Scan on recordings" not in plan, plan
