@@ -4,10 +4,12 @@ Every hop (the URL, then each redirect, at most :data:`MAX_REDIRECTS`) is checke
 :class:`~fileserver.sources.SourcePolicy`; its host name is resolved **once** by the
 injected resolver, every address is checked, and the request goes to a checked address
 (URL host rewritten to the IP, ``Host`` header and TLS SNI/verification on the original
-name), so a DNS answer cannot change between check and connect. Never holds the file in
-memory, enforces the size cap on ``Content-Length`` and on the bytes actually read, bounds
-the whole download (lookups included) by a total timeout, and always removes the temporary
-file. httpx errors are translated here into the fileserver error tree.
+name), so a DNS answer cannot change between check and connect. A recording of up to
+``in_memory_max_bytes`` (default 1 MiB: every talk burst) is kept in memory; a larger one
+is spooled to a temporary file, never held whole in memory. Enforces the size cap on
+``Content-Length`` and on the bytes actually read, bounds the whole download (lookups
+included) by a total timeout, and always removes the temporary file. httpx errors are
+translated here into the fileserver error tree.
 """
 
 from __future__ import annotations
@@ -41,18 +43,72 @@ from fileserver.sources import (
 
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
+IN_MEMORY_MAX_BYTES = 1024 * 1024
 _RETRYABLE_STATUS = {408, 425, 429}
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,30}")
 
 
 @dataclass(frozen=True)
 class Download:
-    """A fetched recording on local disk."""
+    """A fetched recording: its bytes in memory (``data``) or in a temporary file (``path``)."""
 
-    path: Path
+    path: Path | None
+    data: bytes | None
     size: int
     md5: str
     url: str
+
+    @property
+    def content(self) -> bytes | Path:
+        """The bytes when in memory, else the temporary file."""
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        return self.path
+
+    def read_bytes(self) -> bytes:
+        """The whole recording (reads the file when it is on disk)."""
+        content = self.content
+        return content if isinstance(content, bytes) else content.read_bytes()
+
+
+class _Spool:
+    """A download's sink: bytes in memory up to ``limit``, then a temporary file."""
+
+    def __init__(self, limit: int, tmp_dir: str | None) -> None:
+        self._limit = limit
+        self._tmp_dir = tmp_dir
+        self.buffer: bytearray | None = bytearray()
+        self.path: Path | None = None
+        self._file: BinaryIO | None = None
+
+    def write(self, chunk: bytes) -> None:
+        if self.buffer is not None:
+            if len(self.buffer) + len(chunk) <= self._limit:
+                self.buffer += chunk
+                return
+            self._spill()
+        assert self._file is not None
+        self._file.write(chunk)
+
+    def _spill(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="fileserver-", suffix=".mp3", dir=self._tmp_dir)
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        if self.buffer:
+            self._file.write(self.buffer)
+        self.buffer = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def discard(self) -> None:
+        """Close and remove the temporary file, if any."""
+        self.close()
+        if self.path is not None:
+            with suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -99,8 +155,10 @@ class Fetcher:
         tmp_dir: str | None = None,
         resolver: Resolver | None = None,
         max_redirects: int = MAX_REDIRECTS,
+        in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
     ) -> None:
         self._client = client
+        self._in_memory_max = in_memory_max_bytes
         self._policy = policy
         self._max_bytes = max_bytes
         self._total_timeout_s = total_timeout_s
@@ -110,25 +168,25 @@ class Fetcher:
 
     @asynccontextmanager
     async def download(self, url: str) -> AsyncIterator[Download]:
-        """Download ``url`` to a temporary file that is removed when the block exits."""
-        fd, name = tempfile.mkstemp(prefix="fileserver-", suffix=".mp3", dir=self._tmp_dir)
-        path = Path(name)
+        """Download ``url``; a temporary file, if one was needed, is removed when the
+        block exits."""
+        spool = _Spool(self._in_memory_max, self._tmp_dir)
         try:
-            with os.fdopen(fd, "wb") as sink:
-                try:
-                    async with asyncio.timeout(self._total_timeout_s):
-                        size, md5, final_url = await self._fetch(url, sink)
-                except TimeoutError:
-                    raise SourceUnavailable(
-                        f"download took longer than FILESERVER_FETCH_TIMEOUT_S="
-                        f"{self._total_timeout_s:g}s: {display_url(url)}"
-                    ) from None
-            yield Download(path=path, size=size, md5=md5, url=final_url)
+            try:
+                async with asyncio.timeout(self._total_timeout_s):
+                    size, md5, final_url = await self._fetch(url, spool)
+            except TimeoutError:
+                raise SourceUnavailable(
+                    f"download took longer than FILESERVER_FETCH_TIMEOUT_S="
+                    f"{self._total_timeout_s:g}s: {display_url(url)}"
+                ) from None
+            spool.close()
+            data = None if spool.buffer is None else bytes(spool.buffer)
+            yield Download(path=spool.path, data=data, size=size, md5=md5, url=final_url)
         finally:
-            with suppress(FileNotFoundError):
-                path.unlink()
+            spool.discard()
 
-    async def _fetch(self, url: str, sink: BinaryIO) -> tuple[int, str, str]:
+    async def _fetch(self, url: str, sink: _Spool) -> tuple[int, str, str]:
         current = url
         for _hop in range(self._max_redirects + 1):
             hop = await self._check_hop(current)
@@ -229,7 +287,7 @@ class Fetcher:
         raise PermanentError(Reason.SOURCE_UNAVAILABLE, f"HTTP {status} from {where}")
 
     async def _stream_body(
-        self, resp: httpx.Response, sink: BinaryIO, url: str
+        self, resp: httpx.Response, sink: _Spool, url: str
     ) -> tuple[int, str, str]:
         header = resp.headers.get("content-length", "").strip()
         length = int(header) if _CONTENT_LENGTH.fullmatch(header) else None

@@ -262,6 +262,32 @@ def _mpeg_info(data: bytes, name: str) -> Any:
     return MP3(fileobj).info  # type: ignore[no-untyped-call]
 
 
+def _check_stream(info: Any) -> None:
+    """Refuse a stream mutagen could not describe (before walking its frames)."""
+    if info is None or info.sample_rate <= 0 or info.channels <= 0:
+        raise PermanentError(Reason.INVALID_AUDIO, "MPEG header without sample rate or channels")
+
+
+def _audio_info(info: Any, duration_ms: int) -> AudioInfo:
+    return AudioInfo(
+        duration_ms=duration_ms,
+        bitrate=int(info.bitrate),
+        sample_rate=int(info.sample_rate),
+        channels=int(info.channels),
+    )
+
+
+def probe_bytes(data: bytes, name: str = "<memory>") -> AudioInfo:
+    """Read ``data`` (a whole file, named ``name`` in messages) as MPEG audio or raise
+    ``PermanentError(invalid_audio)``."""
+    try:
+        info: Any = _mpeg_info(data, name)
+    except (MutagenError, OSError, ValueError, EOFError) as exc:
+        raise PermanentError(Reason.INVALID_AUDIO, f"not MPEG audio: {exc}") from None
+    _check_stream(info)
+    return _audio_info(info, _count_in_memory(data))
+
+
 def probe(path: Path) -> AudioInfo:
     """Read ``path`` as MPEG audio or raise ``PermanentError(invalid_audio)``."""
     name = os.fspath(path)  # what mutagen would open, and name in its messages
@@ -273,24 +299,16 @@ def probe(path: Path) -> AudioInfo:
         try:
             size = os.fstat(f.fileno()).st_size
             data = f.read() if size <= _IN_MEMORY else None
-            info: Any = (
-                MP3(f).info  # type: ignore[no-untyped-call]
-                if data is None
-                else _mpeg_info(data, name)
-            )
+        except OSError as exc:
+            raise PermanentError(Reason.INVALID_AUDIO, f"not MPEG audio: {exc}") from None
+        if data is not None:
+            return probe_bytes(data, name)
+        try:
+            info: Any = MP3(f).info  # type: ignore[no-untyped-call]
         except (MutagenError, OSError, ValueError, EOFError) as exc:
             raise PermanentError(Reason.INVALID_AUDIO, f"not MPEG audio: {exc}") from None
-        if info is None or info.sample_rate <= 0 or info.channels <= 0:
-            raise PermanentError(
-                Reason.INVALID_AUDIO, "MPEG header without sample rate or channels"
-            )
-        duration_ms = _count_in_memory(data) if data is not None else _count_blockwise(f, size)
-    return AudioInfo(
-        duration_ms=duration_ms,
-        bitrate=int(info.bitrate),
-        sample_rate=int(info.sample_rate),
-        channels=int(info.channels),
-    )
+        _check_stream(info)
+        return _audio_info(info, _count_blockwise(f, size))
 
 
 def check_duration(info: AudioInfo, max_duration_s: int) -> None:

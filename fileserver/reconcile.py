@@ -544,7 +544,7 @@ class Reconciler:
                     "md5": row.md5,
                     "event-time": str(int(row.event_time.timestamp())),
                 }
-                await runtime.store.put_file(row.s3_key, download.path, row.md5, metadata)
+                await runtime.store.put_file(row.s3_key, download.content, row.md5, metadata)
         except PermanentError as exc:
             issue.repair = Repair.UNREPAIRABLE
             issue.repair_detail = f"source gone: {exc.reason.value}: {exc.detail}"

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from fileserver.deadletter import KafkaDeadLetters
 from fileserver.errors import ConfigError, DependencyUnavailable
-from fileserver.fetch import Fetcher
+from fileserver.fetch import IN_MEMORY_MAX_BYTES, Fetcher
 from fileserver.pipeline import Ingestor
 from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.repository import Repository
@@ -260,6 +260,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             total_timeout_s=settings.fetch_timeout_s,
             tmp_dir=settings.tmp_dir,
             resolver=system_resolver,
+            # kept in memory only what a single PUT may carry
+            in_memory_max_bytes=min(IN_MEMORY_MAX_BYTES, settings.multipart_threshold_bytes),
         )
         ingestor = Ingestor(fetcher, store, repo, max_duration_s=settings.max_duration_s)
         health = Health()

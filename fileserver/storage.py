@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import logging
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -97,19 +98,33 @@ class ObjectStore:
         """Raise :class:`DependencyUnavailable` unless the bucket exists and is reachable."""
         await self._run(self._client.head_bucket, Bucket=self.bucket)
 
-    async def put_file(self, key: str, path: Path, md5_hex: str, metadata: dict[str, str]) -> None:
-        """Upload ``path`` under ``key``; the store verifies every byte against its md5."""
-        size = path.stat().st_size
+    async def put_file(
+        self, key: str, content: bytes | Path, md5_hex: str, metadata: dict[str, str]
+    ) -> None:
+        """Upload ``content`` (bytes, or a file) under ``key``; the store verifies every
+        byte against its md5."""
+        if isinstance(content, bytes):
+            size = len(content)
+            if size > self._threshold:
+                raise ValueError("in-memory content above the multipart threshold")
+        else:
+            size = content.stat().st_size
         if self._putter is not None and size <= min(FAST_PUT_MAX_BYTES, self._threshold):
-            body = path.read_bytes()  # small: cheaper than a thread hand-off
+            body = content if isinstance(content, bytes) else content.read_bytes()
             await self._putter.put(key, body, md5_hex, CONTENT_TYPE, metadata)
         elif size <= self._threshold:
-            await self._run(self._put_single, key, path, md5_hex, metadata)
+            await self._run(self._put_single, key, content, md5_hex, metadata)
         else:
-            await self._run(self._put_multipart, key, path, metadata)
+            assert isinstance(content, Path)
+            await self._run(self._put_multipart, key, content, metadata)
 
-    def _put_single(self, key: str, path: Path, md5_hex: str, metadata: dict[str, str]) -> None:
-        with path.open("rb") as body:
+    def _put_single(
+        self, key: str, content: bytes | Path, md5_hex: str, metadata: dict[str, str]
+    ) -> None:
+        with contextlib.ExitStack() as stack:
+            body: bytes | BinaryIO = (
+                content if isinstance(content, bytes) else stack.enter_context(content.open("rb"))
+            )
             self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,

@@ -25,13 +25,19 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def fetcher(http: httpx.AsyncClient, tmp_path: Path, max_bytes: int = 1_000_000) -> Fetcher:
+def fetcher(
+    http: httpx.AsyncClient,
+    tmp_path: Path,
+    max_bytes: int = 1_000_000,
+    in_memory_max_bytes: int = 64 * 1024,
+) -> Fetcher:
     return Fetcher(
         http,
         SourcePolicy(["127.0.0.1"]),
         max_bytes=max_bytes,
         total_timeout_s=3,
         tmp_dir=str(tmp_path),
+        in_memory_max_bytes=in_memory_max_bytes,
     )
 
 
@@ -53,10 +59,35 @@ async def test_download_streams_to_a_temp_file_and_removes_it(
     data = b"x" * 200_000
     sample_server.files["/a.mp3"] = data
     async with fetcher(http, tmp_path).download(sample_server.url("/a.mp3")) as dl:
-        assert dl.path.read_bytes() == data
+        assert dl.read_bytes() == data
         assert dl.size == len(data) and dl.md5 == hashlib.md5(data).hexdigest()
+        assert dl.data is None and dl.path is not None  # above the in-memory limit
+        assert dl.path.read_bytes() == data and dl.content == dl.path
         path = dl.path
     assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 64 * 1024])
+async def test_a_recording_up_to_the_in_memory_limit_never_touches_the_disk(
+    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer, size: int
+) -> None:
+    data = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    sample_server.files["/a.mp3"] = data
+    async with fetcher(http, tmp_path).download(sample_server.url("/a.mp3")) as dl:
+        assert dl.data == data and dl.path is None and dl.content == data
+        assert dl.size == size and dl.md5 == hashlib.md5(data).hexdigest()
+        assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_recording_just_above_the_limit_is_spooled_whole_to_a_file(
+    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+) -> None:
+    data = bytes(range(256)) * 256 + b"!"  # 64 KiB + 1
+    sample_server.files["/a.mp3"] = data
+    async with fetcher(http, tmp_path).download(sample_server.url("/a.mp3")) as dl:
+        assert dl.data is None and dl.path is not None and dl.path.read_bytes() == data
+        assert dl.md5 == hashlib.md5(data).hexdigest()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -132,7 +163,7 @@ async def test_redirects_are_rechecked(
 
     sample_server.hooks.append(redirect)
     async with fetcher(http, tmp_path).download(sample_server.url("/moved.mp3")) as dl:
-        assert dl.path.read_bytes() == b"audio"
+        assert dl.read_bytes() == b"audio"
     with pytest.raises(PermanentError) as info:
         async with fetcher(http, tmp_path).download(sample_server.url("/evil.mp3")):
             pass

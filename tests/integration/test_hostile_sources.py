@@ -277,6 +277,7 @@ def make_fetcher(
     resolver: Resolver | None = None,
     *,
     total_timeout_s: float = 5,
+    in_memory_max_bytes: int = 1024,
 ) -> Fetcher:
     return Fetcher(
         http,
@@ -285,12 +286,13 @@ def make_fetcher(
         total_timeout_s=total_timeout_s,
         tmp_dir=str(tmp_path),
         resolver=resolver or Resolver({"gw.test": ["127.0.0.1"]}),
+        in_memory_max_bytes=in_memory_max_bytes,
     )
 
 
 async def fetch(fetcher: Fetcher, url: str) -> tuple[bytes, str]:
     async with fetcher.download(url) as dl:
-        return dl.path.read_bytes(), dl.url
+        return dl.read_bytes(), dl.url
 
 
 async def refused(fetcher: Fetcher, url: str, reason: Reason = Reason.SOURCE_FORBIDDEN) -> str:
@@ -616,10 +618,10 @@ async def test_the_file_is_removed_when_the_consumer_fails_too(
 ) -> None:
     http, _sent = client
     server.routes["/a.mp3"] = respond(200, b"audio")
-    fetcher = make_fetcher(http, ["gw.test"], tmp_path)
+    fetcher = make_fetcher(http, ["gw.test"], tmp_path, in_memory_max_bytes=0)
     with pytest.raises(RuntimeError):
         async with fetcher.download(f"http://gw.test:{server.port}/a.mp3") as dl:
-            assert dl.path.exists()
+            assert dl.path is not None and dl.path.exists()
             raise RuntimeError("probe failed")
     assert list(tmp_path.iterdir()) == []
 

@@ -181,3 +181,15 @@ def test_object_url_prefix_follows_botocore_addressing(seaweed: Any) -> None:
         aws_access_key_id="a", aws_secret_access_key="b", region_name="eu-west-1"
     ).client("s3")
     assert object_url_prefix(aws, "my-bucket") == "https://my-bucket.s3.amazonaws.com/"
+
+
+async def test_in_memory_content_round_trips(
+    seaweed: Any, bucket: str, put_store: ObjectStore
+) -> None:
+    data = os.urandom(9_300)
+    await put_store.put_file("mem.mp3", data, _md5(data), {"md5": _md5(data)})
+    got = client(seaweed).get_object(Bucket=bucket, Key="mem.mp3")
+    assert got["Body"].read() == data and got["Metadata"] == {"md5": _md5(data)}
+    with pytest.raises(DependencyUnavailable, match=r"BadDigest|InvalidDigest"):
+        await put_store.put_file("bad.mp3", data, _md5(b"other"), {})
+    assert await put_store.head("bad.mp3") is None
