@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fileserver.deadletter import HEADER_DETAIL, HEADER_REASON, HEADER_SOURCE
 from fileserver.devstack.samples import (
     QUALITY_EVENT,
@@ -36,8 +38,17 @@ def _good(server: SampleServer, n: int, *, prefix: str = "g") -> dict[str, bytes
     return files
 
 
+# The code defaults (httpx, boto3) and the aiohttp download and S3 transports that the
+# README's deployment (Dockerfile, compose.yaml) turns on.
+AIOHTTP = {"FILESERVER_HTTP_TRANSPORT": "aiohttp", "FILESERVER_S3_TRANSPORT": "aiohttp"}
+
+
+@pytest.mark.parametrize("transports", [{}, AIOHTTP], ids=["httpx-boto3", "aiohttp"])
 def test_mixed_batch_ends_as_exact_rows_objects_and_dead_letters(
-    kafka_stack: StackConfig, sample_server: SampleServer, tmp_path: Path
+    kafka_stack: StackConfig,
+    sample_server: SampleServer,
+    tmp_path: Path,
+    transports: dict[str, str],
 ) -> None:
     stack = kafka_stack
     srv = sample_server
@@ -80,6 +91,7 @@ def test_mixed_batch_ends_as_exact_rows_objects_and_dead_letters(
         "FILESERVER_MAX_DURATION_S": "10",
         "FILESERVER_MAX_FILE_BYTES": "300000",
         "FILESERVER_SOURCE_RETRY_S": "2",
+        **transports,
     }
     log = tmp_path / "worker.log"
     worker = start_worker(stack, log_path=log, extra_env=env)
