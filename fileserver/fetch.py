@@ -8,8 +8,9 @@ name), so a DNS answer cannot change between check and connect. A recording of u
 ``in_memory_max_bytes`` (default 1 MiB: every talk burst) is kept in memory; a larger one
 is spooled to a temporary file, never held whole in memory. Enforces the size cap on
 ``Content-Length`` and on the bytes actually read, bounds the whole download (lookups
-included) by a total timeout, and always removes the temporary file. httpx errors are
-translated here into the fileserver error tree.
+included) by a total timeout, and always removes the temporary file. The request itself
+goes out on a wire (:mod:`fileserver.wires`: httpx by default, or aiohttp), whose errors
+are translated here into the fileserver error tree.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from fileserver.sources import (
     display_url,
     forbidden,
 )
+from fileserver.wires import HttpxWire, Wire, WireError, WireResponse
 
 MAX_REDIRECTS = 5
-CHUNK = 64 * 1024
 IN_MEMORY_MAX_BYTES = 1024 * 1024
 _RETRYABLE_STATUS = {408, 425, 429}
+_REDIRECT_STATUS = {301, 302, 303, 307, 308}
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,30}")
 
 
@@ -139,7 +141,8 @@ class _Hop:
 
 
 class Fetcher:
-    """Fetches recordings with one shared :class:`httpx.AsyncClient`.
+    """Fetches recordings on one shared wire (an :class:`httpx.AsyncClient` is wrapped in
+    :class:`~fileserver.wires.HttpxWire`).
 
     ``resolver`` (default :func:`~fileserver.resolve.system_resolver`) is called once per
     hop whose host is a name; tests inject one mapping made-up names to addresses.
@@ -147,7 +150,7 @@ class Fetcher:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncClient | Wire,
         policy: SourcePolicy,
         *,
         max_bytes: int,
@@ -157,7 +160,7 @@ class Fetcher:
         max_redirects: int = MAX_REDIRECTS,
         in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
     ) -> None:
-        self._client = client
+        self._wire: Wire = HttpxWire(client) if isinstance(client, httpx.AsyncClient) else client
         self._in_memory_max = in_memory_max_bytes
         self._policy = policy
         self._max_bytes = max_bytes
@@ -193,11 +196,11 @@ class Fetcher:
             try:
                 resp = await self._send(hop)
                 try:
-                    if resp.is_redirect:
-                        location = resp.headers.get("location")
+                    if resp.status in _REDIRECT_STATUS:
+                        location = resp.header("location")
                         if not location:
                             raise SourceUnavailable(
-                                f"HTTP {resp.status_code} without Location: {display_url(current)}"
+                                f"HTTP {resp.status} without Location: {display_url(current)}"
                             )
                         current = urljoin(current, location)
                         continue
@@ -205,13 +208,13 @@ class Fetcher:
                     return await self._stream_body(resp, sink, current)
                 finally:
                     await resp.aclose()  # a redirect's or error's body is never read
-            except httpx.TimeoutException as exc:
+            except WireError as exc:
+                if exc.timeout:
+                    raise SourceUnavailable(
+                        f"timeout ({exc.kind}) from {display_url(current)}"
+                    ) from None
                 raise SourceUnavailable(
-                    f"timeout ({type(exc).__name__}) from {display_url(current)}"
-                ) from None
-            except (httpx.TransportError, httpx.DecodingError) as exc:
-                raise SourceUnavailable(
-                    f"{type(exc).__name__}: {display_url(str(exc))} ({display_url(current)})"
+                    f"{exc.kind}: {display_url(exc.message)} ({display_url(current)})"
                 ) from None
         raise PermanentError(
             Reason.SOURCE_FORBIDDEN,
@@ -255,25 +258,22 @@ class Fetcher:
             else None,
         )
 
-    async def _send(self, hop: _Hop) -> httpx.Response:
+    async def _send(self, hop: _Hop) -> WireResponse:
         """Send the GET to the first checked address that accepts a connection."""
-        extensions = {"sni_hostname": hop.sni_hostname} if hop.sni_hostname else {}
         for i, address in enumerate(hop.addresses):
-            request = self._client.build_request(
-                "GET",
-                hop.request_url(address),
-                headers={"Host": hop.host_header},
-                extensions=extensions,
-            )
             try:
-                return await self._client.send(request, stream=True, follow_redirects=False)
-            except (httpx.ConnectError, httpx.ConnectTimeout):
-                if i == len(hop.addresses) - 1:
+                return await self._wire.get(
+                    str(hop.request_url(address)),
+                    host_header=hop.host_header,
+                    sni_hostname=hop.sni_hostname,
+                )
+            except WireError as exc:
+                if not exc.connect or i == len(hop.addresses) - 1:
                     raise
         raise AssertionError("check_resolved never returns an empty list")  # pragma: no cover
 
-    def _check_status(self, resp: httpx.Response, url: str) -> None:
-        status = resp.status_code
+    def _check_status(self, resp: WireResponse, url: str) -> None:
+        status = resp.status
         if status == 200:
             return
         where = display_url(url)
@@ -282,14 +282,14 @@ class Fetcher:
         if status >= 500 or status in _RETRYABLE_STATUS:
             raise SourceUnavailable(
                 f"HTTP {status} from {where}",
-                retry_after=_retry_after(resp.headers.get("retry-after")),
+                retry_after=_retry_after(resp.header("retry-after")),
             )
         raise PermanentError(Reason.SOURCE_UNAVAILABLE, f"HTTP {status} from {where}")
 
     async def _stream_body(
-        self, resp: httpx.Response, sink: _Spool, url: str
+        self, resp: WireResponse, sink: _Spool, url: str
     ) -> tuple[int, str, str]:
-        header = resp.headers.get("content-length", "").strip()
+        header = (resp.header("content-length") or "").strip()
         length = int(header) if _CONTENT_LENGTH.fullmatch(header) else None
         if length is not None and length > self._max_bytes:
             raise PermanentError(
@@ -299,7 +299,7 @@ class Fetcher:
         digest = hashlib.md5(usedforsecurity=False)
         size = 0
         write = sink.write
-        async for chunk in resp.aiter_raw(CHUNK):
+        async for chunk in resp.chunks():
             size += len(chunk)
             if size > self._max_bytes:
                 raise PermanentError(

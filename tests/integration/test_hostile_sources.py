@@ -1,6 +1,7 @@
 """Issue 6: what a hostile recording source (or a hostile record) can make the fetcher do.
 
-Real servers listen on 127.0.0.1 and count every connection. Names (``gw.test``,
+Every test runs on both wires (``FILESERVER_HTTP_TRANSPORT``: httpx and aiohttp). Real
+servers listen on 127.0.0.1 and count every connection. Names (``gw.test``,
 ``evil.test``, ...) are answered by an injected resolver: nothing else can resolve
 ``*.test``, so a download that succeeds proves the request went to the address that was
 looked up once and checked (DNS pinning), and a count of 0 connections proves that no
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 
@@ -27,6 +29,7 @@ from fileserver.resolve import static_resolver, system_resolver
 from fileserver.runtime import make_http_client
 from fileserver.settings import Settings
 from fileserver.sources import IPAddress, SourcePolicy
+from fileserver.wires import AiohttpWire, HttpxWire, Wire
 
 MAX_BYTES = 100_000
 
@@ -198,6 +201,9 @@ def lying_length(declared: int, then: str) -> Behaviour:
     return behaviour
 
 
+SMALL_LENGTH_THEN_CHUNKED = lying_length(1000, "chunked")
+
+
 def endless_chunked_tail(conn: socket.socket) -> None:
     conn.sendall(b"Transfer-Encoding: chunked\r\n\r\n")
     while True:
@@ -236,22 +242,38 @@ def other() -> Iterator[HostileServer]:
 
 @dataclass
 class Sent:
-    """Every request the httpx client sent (an event hook runs before any byte goes out)."""
+    """Every request the wire started (an httpx event hook or an aiohttp trace runs before
+    any byte goes out, even before the connection is made)."""
 
     urls: list[str] = field(default_factory=list)
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[tuple[httpx.AsyncClient, Sent]]:
+@pytest.fixture(params=["httpx", "aiohttp"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Wire, Sent]]:
     sent = Sent()
-
-    async def on_request(request: httpx.Request) -> None:
-        sent.urls.append(str(request.url))
-
     settings = Settings(concurrency=4, connect_timeout_s=2, read_timeout_s=2)
-    async with make_http_client(settings) as http:
-        http.event_hooks = {"request": [on_request], "response": []}
-        yield http, sent
+    if request.param == "httpx":
+
+        async def on_request(req: httpx.Request) -> None:
+            sent.urls.append(str(req.url))
+
+        async with make_http_client(settings) as http:
+            http.event_hooks = {"request": [on_request], "response": []}
+            yield HttpxWire(http), sent
+        return
+
+    async def on_start(_s: object, _c: object, params: aiohttp.TraceRequestStartParams) -> None:
+        sent.urls.append(str(params.url))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_start)
+    wire = AiohttpWire(
+        max_connections=4, connect_timeout_s=2, read_timeout_s=2, trace_configs=[trace]
+    )
+    try:
+        yield wire, sent
+    finally:
+        await wire.aclose()
 
 
 class Resolver:
@@ -271,7 +293,7 @@ class Resolver:
 
 
 def make_fetcher(
-    http: httpx.AsyncClient,
+    http: Wire,
     allowed: list[str],
     tmp_path: Path,
     resolver: Resolver | None = None,
@@ -302,7 +324,7 @@ async def refused(fetcher: Fetcher, url: str, reason: Reason = Reason.SOURCE_FOR
     return info.value.detail
 
 
-Client = tuple[httpx.AsyncClient, Sent]
+Client = tuple[Wire, Sent]
 
 
 # --- 1. source policy: refused before any byte is sent ------------------------------------
@@ -543,18 +565,26 @@ async def test_redirect_loop_stops_after_a_few_hops(
     [
         pytest.param(endless_chunked, id="endless-chunked"),
         pytest.param(endless_until_close, id="endless-no-length"),
-        pytest.param(lying_length(1000, "chunked"), id="small-length-then-endless-chunked"),
+        pytest.param(SMALL_LENGTH_THEN_CHUNKED, id="small-length-then-endless-chunked"),
         pytest.param(lying_length(10**15, "endless"), id="huge-length"),
     ],
 )
 async def test_endless_or_oversized_bodies_are_too_large(
     client: Client, server: HostileServer, tmp_path: Path, behaviour: Behaviour
 ) -> None:
+    """aiohttp refuses Transfer-Encoding next to Content-Length outright (h11 reads that
+    body as chunked, so httpx ends with ``too_large``): retryable ``source_unavailable``
+    there instead. Either way nothing is kept."""
     http, _sent = client
     server.routes["/a.mp3"] = behaviour
     fetcher = make_fetcher(http, ["gw.test"], tmp_path)
-    detail = await refused(fetcher, f"http://gw.test:{server.port}/a.mp3", Reason.TOO_LARGE)
-    assert "FILESERVER_MAX_FILE_BYTES" in detail
+    url = f"http://gw.test:{server.port}/a.mp3"
+    if isinstance(http, AiohttpWire) and behaviour is SMALL_LENGTH_THEN_CHUNKED:
+        with pytest.raises(SourceUnavailable, match="Transfer-Encoding"):
+            await fetch(fetcher, url)
+    else:
+        detail = await refused(fetcher, url, Reason.TOO_LARGE)
+        assert "FILESERVER_MAX_FILE_BYTES" in detail
     assert list(tmp_path.iterdir()) == []  # the partial file is gone
 
 
@@ -636,7 +666,11 @@ async def test_sources_cannot_plant_cookies_in_the_shared_client(
     for _ in range(2):
         await fetch(fetcher, f"http://gw.test:{server.port}/a.mp3")
     assert [r.cookie for r in server.requests] == [None, None]
-    assert len(http.cookies.jar) == 0
+    if isinstance(http, HttpxWire):
+        assert len(http.client.cookies.jar) == 0
+    else:
+        assert isinstance(http, AiohttpWire) and http.session is not None
+        assert len(http.session.cookie_jar) == 0
 
 
 # --- TLS: SNI and certificate verification use the original name --------------------------
@@ -654,13 +688,19 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileServ
     srv.stop()
 
 
+@pytest.mark.parametrize("wire", ["httpx", "aiohttp"])
 async def test_https_is_pinned_and_verified_against_the_original_name(
-    tls_server: HostileServer, tmp_path: Path
+    tls_server: HostileServer, tmp_path: Path, wire: str
 ) -> None:
     tls_server.routes["/a.mp3"] = respond(200, b"secure audio")
     resolver = Resolver({"gw.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
     verify = ssl.create_default_context(cadata=CA_PEM)
-    async with httpx.AsyncClient(verify=verify, trust_env=False) as http:
+    http: Wire = (
+        HttpxWire(httpx.AsyncClient(verify=verify, trust_env=False))
+        if wire == "httpx"
+        else AiohttpWire(max_connections=4, connect_timeout_s=2, read_timeout_s=2, verify=verify)
+    )
+    try:
         fetcher = make_fetcher(http, ["gw.test", "other.test", "127.0.0.1"], tmp_path, resolver)
         url = f"https://gw.test:{tls_server.port}/a.mp3"
         body, _ = await fetch(fetcher, url)
@@ -675,4 +715,6 @@ async def test_https_is_pinned_and_verified_against_the_original_name(
         ):
             with pytest.raises(SourceUnavailable, match="ConnectError"):
                 await fetch(fetcher, bad)
+    finally:
+        await http.aclose()
     assert len(tls_server.requests) == 1
