@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from fileserver.errors import DependencyUnavailable
 from fileserver.models import IngestFailure, Recording
@@ -73,7 +73,10 @@ class Coalescer(Generic[K, R]):
         """Queue ``item``; return its result once its batch has run."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
-        if len(self._flushers) < self._max_flushes:
+        # A flusher that has finished may still be in the set (its done callback runs
+        # later): count only running ones, or a caller that retries right after its
+        # batch failed would queue behind no flusher at all.
+        if sum(not task.done() for task in self._flushers) < self._max_flushes:
             task = asyncio.create_task(self._flush(), name="repository batch")
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
@@ -247,6 +250,53 @@ def _md5_by_urls_statement() -> Any:
 _MD5_BY_URLS = _md5_by_urls_statement()
 
 
+class _HeldConnection:
+    """One autocommit connection kept open for a batching :class:`Coalescer`.
+
+    A batch then costs one round trip, without the pool's checkout and pre-ping (one
+    more round trip) per statement. On any error the connection is dropped (closed in
+    the background) and the next statement opens a new one: an outage, a restart or a
+    killed backend costs the failing batch, which the processor retries.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+        self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def execute(self, statement: Any, params: dict[str, Any] | None) -> Any:
+        async with self._lock:
+            if self._conn is None:
+                self._conn = await self._engine.connect()
+            try:
+                return (await self._conn.execute(statement, params)).all()
+            except BaseException:
+                self._drop()
+                raise
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            task = asyncio.get_running_loop().create_task(_close_quietly(conn))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._drop()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _close_quietly(conn: AsyncConnection) -> None:
+    """Invalidate (never back to the pool: its state is unknown), then release the slot."""
+    for step in (conn.invalidate, conn.close):
+        try:
+            await step()
+        except Exception:  # the server may be gone: nothing more to release
+            continue
+
+
 def _is_connection_error(exc: DBAPIError) -> bool:
     return bool(exc.connection_invalidated) or isinstance(exc, OperationalError | InterfaceError)
 
@@ -261,17 +311,31 @@ class Repository:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._inserts: Coalescer[NewRecording, bool] | None = None
         self._lookups: Coalescer[str, str | None] | None = None
+        self._held = (_HeldConnection(self._autocommit), _HeldConnection(self._autocommit))
         if batch_rows > 1:
             self._inserts = Coalescer(self._insert_recordings, max_items=batch_rows)
             self._lookups = Coalescer(self._recording_md5s, max_items=batch_rows)
 
+    async def close(self) -> None:
+        """Close the connections held for batches (the engine's pool is the caller's)."""
+        for held in self._held:
+            await held.close()
+
     async def _execute(
-        self, statement: Any, *, write: bool, params: dict[str, Any] | None = None
+        self,
+        statement: Any,
+        *,
+        write: bool,
+        params: dict[str, Any] | None = None,
+        held: _HeldConnection | None = None,
     ) -> Any:
         """Run one statement in autocommit mode: a single statement is atomic, and it is
-        committed when this returns, without BEGIN / COMMIT / ROLLBACK round trips."""
+        committed when this returns, without BEGIN / COMMIT / ROLLBACK round trips.
+        ``held``: on that kept-open connection instead of one from the pool."""
         del write  # every statement here is a single one: atomic and durable on return
         try:
+            if held is not None:
+                return await held.execute(statement, params)
             async with self._autocommit.connect() as conn:
                 return (await conn.execute(statement, params)).all()
         except DBAPIError as exc:
@@ -314,12 +378,16 @@ class Repository:
         # one array per column (``unnest`` zips them back into rows)
         columns = zip(*(_recording_values(rows[i]) for i in first.values()), strict=True)
         params = {n: _BinaryArray(c) for n, c in zip(_RECORDING_COLUMNS, columns, strict=True)}
-        inserted = {str(r[0]) for r in await self._execute(_INSERT_MANY, write=True, params=params)}
+        result = await self._execute(_INSERT_MANY, write=True, params=params, held=self._held[0])
+        inserted = {str(r[0]) for r in result}
         return [first[r.source_url] == i and r.source_url in inserted for i, r in enumerate(rows)]
 
     async def _recording_md5s(self, urls: list[str]) -> list[str | None]:
         rows = await self._execute(
-            _MD5_BY_URLS, write=False, params={"urls": _BinaryArray(dict.fromkeys(urls))}
+            _MD5_BY_URLS,
+            write=False,
+            params={"urls": _BinaryArray(dict.fromkeys(urls))},
+            held=self._held[1],
         )
         found = {str(url): str(md5) for url, md5 in rows}
         return [found.get(url) for url in urls]

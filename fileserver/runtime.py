@@ -243,6 +243,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         engine = make_engine(settings)
         stack.push_async_callback(engine.dispose)
         repo = Repository(engine, batch_rows=settings.db_batch_rows)
+        stack.push_async_callback(repo.close)
         producer = make_producer(settings)
         try:
             await producer.start()

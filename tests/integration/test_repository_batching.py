@@ -23,7 +23,9 @@ from tests.integration.test_repository import _row
 async def repo(database_url: str) -> AsyncIterator[Repository]:
     upgrade(database_url)
     engine = create_async_engine(database_url)
-    yield Repository(engine, batch_rows=50)
+    repo = Repository(engine, batch_rows=50)
+    yield repo
+    await repo.close()
     await engine.dispose()
 
 
@@ -185,6 +187,7 @@ async def test_unreachable_database_is_a_dependency_error_for_batches() -> None:
         with pytest.raises(DependencyUnavailable, match="postgres"):
             await asyncio.gather(repo.recording_md5("a"), repo.recording_md5("b"))
     finally:
+        await repo.close()
         await engine.dispose()
 
 
@@ -208,3 +211,23 @@ def test_lookup_plan_probes_the_index_even_when_planned_on_an_empty_table(
     )
     assert "uq_recordings_source_url" in plan, plan
     assert "Seq Scan on recordings" not in plan, plan
+
+
+async def test_a_killed_batch_connection_fails_one_batch_then_reconnects(
+    repo: Repository, database_url: str
+) -> None:
+    """The batches' kept-open connections: a backend killed under them costs the batch
+    that was using it (a retryable error), and the next batch opens a new connection."""
+    assert await repo.insert_recording(_row("first")) is True
+    assert await repo.recording_md5(_row("first").source_url) is not None
+    query(
+        database_url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    with pytest.raises(DependencyUnavailable, match="postgres"):
+        await repo.insert_recording(_row("second"))
+    assert await repo.insert_recording(_row("second")) is True
+    with pytest.raises(DependencyUnavailable, match="postgres"):
+        await repo.recording_md5("anything")
+    assert await repo.recording_md5(_row("second").source_url) is not None
