@@ -39,7 +39,6 @@ from fileserver.sources import (
     Source,
     SourcePolicy,
     display_url,
-    forbidden,
 )
 from fileserver.wires import HttpxWire, Wire, WireError, WireResponse
 
@@ -131,13 +130,18 @@ class _Hop:
     """One checked hop: where to connect and what to send there."""
 
     source: Source
-    url: httpx.URL
     addresses: list[IPAddress]
     host_header: str
     sni_hostname: str | None
 
-    def request_url(self, address: IPAddress) -> httpx.URL:
-        return self.url.copy_with(host=str(address))
+    def request_url(self, address: IPAddress) -> str:
+        """The URL sent on the wire: built from the checked parts only (scheme, the
+        checked address, port, path and query), so no other parser can read another
+        target into it."""
+        source = self.source
+        host = f"[{address}]" if address.version == 6 else str(address)
+        port = "" if source.port == DEFAULT_PORTS[source.scheme] else f":{source.port}"
+        return f"{source.scheme}://{host}{port}{source.target}"
 
 
 class Fetcher:
@@ -224,18 +228,6 @@ class Fetcher:
     async def _check_hop(self, url: str) -> _Hop:
         """Check ``url`` with the policy, resolve its host once, check every address."""
         source = self._policy.check(url)
-        try:
-            parsed = httpx.URL(url)
-        except httpx.InvalidURL as exc:
-            raise forbidden(url, f"not a valid URL ({exc})") from None
-        parsed_port = parsed.port or DEFAULT_PORTS.get(parsed.scheme, -1)
-        if (
-            parsed.scheme != source.scheme
-            or parsed.host.lower().rstrip(".") != source.host
-            or parsed_port != source.port
-            or parsed.userinfo
-        ):  # the check and the request must agree on the target
-            raise forbidden(url, "URL is ambiguous (parsers disagree on its host)")
         if source.address is not None:
             addresses = [source.address]
         else:
@@ -250,7 +242,6 @@ class Fetcher:
         default_port = source.port == DEFAULT_PORTS[source.scheme]
         return _Hop(
             source=source,
-            url=parsed.copy_with(fragment=None),
             addresses=addresses,
             host_header=host if default_port else f"{host}:{source.port}",
             sni_hostname=source.host
@@ -263,7 +254,7 @@ class Fetcher:
         for i, address in enumerate(hop.addresses):
             try:
                 return await self._wire.get(
-                    str(hop.request_url(address)),
+                    hop.request_url(address),
                     host_header=hop.host_header,
                     sni_hostname=hop.sni_hostname,
                 )

@@ -41,6 +41,7 @@ ALWAYS_REFUSED: tuple[IPNetwork, ...] = (
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _V4_COMPATIBLE = ipaddress.ip_network("::/96")
 DEFAULT_PORTS = {"http": 80, "https": 443}
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 _HOST_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?")
 
 
@@ -57,6 +58,7 @@ class Source:
     port: int
     url: str
     address: IPAddress | None = None
+    target: str = "/"  # the request target: path and query, as written in the URL
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,8 @@ class SourcePolicy:
 
         A host name that passes still needs :meth:`check_resolved` once resolved.
         """
+        if _CONTROL_CHAR.search(url):  # urlsplit would drop tabs and line breaks silently
+            raise forbidden(url, "URL contains control characters")
         try:
             parts: SplitResult = urlsplit(url)
             port = parts.port
@@ -177,7 +181,8 @@ class SourcePolicy:
             allowed = any(self._may_allow_name(entry, host, port) for entry in self._entries)
         if not allowed:
             raise forbidden(url, f"{host}:{port} is not in FILESERVER_ALLOWED_SOURCES")
-        return Source(scheme=scheme, host=host, port=port, url=url, address=address)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return Source(scheme=scheme, host=host, port=port, url=url, address=address, target=target)
 
     def check_resolved(self, source: Source, addresses: Iterable[IPAddress]) -> list[IPAddress]:
         """The addresses to connect to, if *every* one is allowed for ``source``; else raise."""

@@ -22,6 +22,7 @@ from fileserver.sources import Source, SourcePolicy
                 "dev.yunptt.com",
                 9666,
                 "https://dev.yunptt.com:9666/room_1_user_14_1569569695.mp3",
+                target="/room_1_user_14_1569569695.mp3",
             ),
         ),
         (["dev.yunptt.com"], "http://dev.yunptt.com/a.mp3", ("http", "dev.yunptt.com", 80)),
@@ -279,3 +280,24 @@ def test_refusal_detail_has_no_control_characters(url: str) -> None:
         SourcePolicy(["0.0.0.0/0"]).check(url)
     detail = info.value.detail
     assert detail.isprintable() and "\\x" in detail
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("http://gw.test/a.mp3", "/a.mp3"),
+        ("http://gw.test", "/"),
+        ("http://gw.test/a.mp3?sig=1&x=%20#frag", "/a.mp3?sig=1&x=%20"),
+        ("http://gw.test//evil.test/a@b.mp3", "//evil.test/a@b.mp3"),
+    ],
+)
+def test_the_request_target_is_path_and_query_without_fragment(url: str, target: str) -> None:
+    assert SourcePolicy(["gw.test"]).check(url).target == target
+
+
+@pytest.mark.parametrize("char", ["\t", "\r", "\n", "\x00", "\x7f"])
+def test_control_characters_anywhere_are_refused(char: str) -> None:
+    """urlsplit would silently drop tabs and line breaks: refuse instead of guessing."""
+    for url in (f"http://gw.test/a{char}b.mp3", f"http://gw{char}.test/a.mp3"):
+        with pytest.raises(PermanentError, match="control characters"):
+            SourcePolicy(["gw.test"]).check(url)
