@@ -9,9 +9,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from sqlalchemy import create_engine, text
 
 T = TypeVar("T")
+
+
+# The code defaults (httpx, boto3) and the aiohttp download and S3 transports that the
+# README's deployment (Dockerfile, compose.yaml) turns on: e2e tests run on both.
+AIOHTTP_TRANSPORTS = {"FILESERVER_HTTP_TRANSPORT": "aiohttp", "FILESERVER_S3_TRANSPORT": "aiohttp"}
+TRANSPORT_SETS = [
+    pytest.param({}, id="httpx-boto3"),
+    pytest.param(AIOHTTP_TRANSPORTS, id="aiohttp"),
+]
 
 
 def wait_until(

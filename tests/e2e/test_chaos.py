@@ -15,11 +15,12 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from fileserver.devstack.samples import SampleServer, make_mp3, talk_event
 from fileserver.devstack.stack import StackConfig, publish, start_worker
-from tests.helpers import count, query, stop_process, tail, wait_until
+from tests.helpers import TRANSPORT_SETS, count, query, stop_process, tail, wait_until
 
 
 def _corpus(srv: SampleServer, good: int, rng: random.Random) -> tuple[list[Any], set[str], int]:
@@ -151,8 +152,13 @@ def _terminate_backends(database_url: str) -> int:
         engine.dispose()
 
 
+@pytest.mark.parametrize("transports", TRANSPORT_SETS)
 def test_s3_outage_postgres_kills_and_a_flapping_source(
-    kafka_stack: StackConfig, sample_server: SampleServer, seaweed: Any, tmp_path: Path
+    kafka_stack: StackConfig,
+    sample_server: SampleServer,
+    seaweed: Any,
+    tmp_path: Path,
+    transports: dict[str, str],
 ) -> None:
     stack, srv = kafka_stack, sample_server
     rng = random.Random(7)
@@ -183,7 +189,7 @@ def test_s3_outage_postgres_kills_and_a_flapping_source(
     ]
     asyncio.run(publish(stack.kafka_bootstrap, stack.topic, records))
     log = tmp_path / "worker.log"
-    env = {"FILESERVER_CONCURRENCY": "8", "FILESERVER_SOURCE_RETRY_S": "120"}
+    env = {"FILESERVER_CONCURRENCY": "8", "FILESERVER_SOURCE_RETRY_S": "120", **transports}
     worker = start_worker(stack, log_path=log, extra_env=env)
     terminated = 0
     try:

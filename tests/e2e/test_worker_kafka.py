@@ -26,7 +26,16 @@ from fileserver.devstack.samples import (
     talk_event,
 )
 from fileserver.devstack.stack import StackConfig, publish, start_worker
-from tests.helpers import committed_offsets, count, query, read_all, stop_process, tail, wait_until
+from tests.helpers import (
+    TRANSPORT_SETS,
+    committed_offsets,
+    count,
+    query,
+    read_all,
+    stop_process,
+    tail,
+    wait_until,
+)
 
 
 def _good(server: SampleServer, n: int, *, prefix: str = "g") -> dict[str, bytes]:
@@ -38,12 +47,7 @@ def _good(server: SampleServer, n: int, *, prefix: str = "g") -> dict[str, bytes
     return files
 
 
-# The code defaults (httpx, boto3) and the aiohttp download and S3 transports that the
-# README's deployment (Dockerfile, compose.yaml) turns on.
-AIOHTTP = {"FILESERVER_HTTP_TRANSPORT": "aiohttp", "FILESERVER_S3_TRANSPORT": "aiohttp"}
-
-
-@pytest.mark.parametrize("transports", [{}, AIOHTTP], ids=["httpx-boto3", "aiohttp"])
+@pytest.mark.parametrize("transports", TRANSPORT_SETS)
 def test_mixed_batch_ends_as_exact_rows_objects_and_dead_letters(
     kafka_stack: StackConfig,
     sample_server: SampleServer,
