@@ -282,10 +282,12 @@ class _HeldConnection:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def close(self) -> None:
-        async with self._lock:
-            self._drop()
-        await asyncio.gather(*self._closing, return_exceptions=True)
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Drop the connection without waiting for a statement in flight (shutdown must
+        not hang on a database that stopped answering), then give the close a moment."""
+        self._drop()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=timeout_s)
 
 
 async def _close_quietly(conn: AsyncConnection) -> None:
