@@ -29,6 +29,7 @@ SECRET_ENV_VARS = (
 )
 _MIN_SECRET_LENGTH = 4  # shorter values would blank out ordinary words
 _secrets: set[str] = set()
+_by_length: tuple[str, ...] = ()  # _secrets, longest first (kept in step by register_secrets)
 _SCRUBBED = "_fileserver_scrubbed"
 
 
@@ -36,7 +37,8 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with URL passwords and the given (and registered) secret values masked."""
     if "://" in text:
         text = _USERINFO.sub(r"\g<head>:***@", text)
-    for secret in sorted({*_secrets, *secrets}, key=len, reverse=True):
+    ordered = sorted({*_secrets, *secrets}, key=len, reverse=True) if secrets else _by_length
+    for secret in ordered:
         if len(secret) >= _MIN_SECRET_LENGTH and secret in text:
             text = text.replace(secret, "***")
     return text
@@ -44,7 +46,9 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
 
 def register_secrets(values: Iterable[str | None]) -> None:
     """Mask these exact values in every later log record (passwords, keys)."""
+    global _by_length
     _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET_LENGTH)
+    _by_length = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def scrub_record(record: logging.LogRecord) -> logging.LogRecord:

@@ -233,7 +233,7 @@ def logging_state() -> Iterator[None]:
     root.setLevel(level)
     logging.setLogRecordFactory(factory)
     logs._secrets.clear()
-    logs._secrets.update(secrets)
+    logs.register_secrets(secrets)  # also resets the longest-first order
 
 
 @pytest.mark.parametrize("json_lines", [True, False])
