@@ -562,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs of each case (default 3)")
     parser.add_argument("--large-mb", type=int, default=1024, help="size of the large case")
     parser.add_argument(
+        "--latency-rate",
+        type=float,
+        help="offered events/s of the latency runs (default: half the median maximum)",
+    )
+    parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         default="defaults",
@@ -654,10 +659,11 @@ def main(argv: list[str] | None = None) -> int:
             if "clips" in cases:
                 record(run_clips(bench))
         if "throughput" in cases:
-            half = (_med([r.rate for r in results["throughput"]]) or 100) / 2
+            half = args.latency_rate or (_med([r.rate for r in results["throughput"]]) or 100) / 2
             n = max(500, min(args.events, int(half * 8)))
             for _ in range(args.runs):
-                record(run_stream(bench, "throughput", n, rate=half), "latency at half max")
+                name = "latency at half max" if args.latency_rate is None else "latency"
+                record(run_stream(bench, "throughput", n, rate=half), name)
         if "large" in cases:
             record(run_large(bench, args.large_mb * 1024 * 1024))
         print(f"worker preset: {args.preset} {worker_env or ''}")
