@@ -16,7 +16,6 @@ the store verifies (``BadDigest`` on a mismatch). Errors are translated here int
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import re
@@ -27,6 +26,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 
 from fileserver.errors import DependencyUnavailable
+from fileserver.storage import content_md5, s3_unavailable
 
 _PROBE_KEY = "fileserver-probe-key"
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
@@ -165,7 +165,7 @@ class AiohttpPutter:
     ) -> dict[str, str]:
         """The request headers, SigV4 signature included (no I/O)."""
         headers = {
-            "Content-MD5": base64.b64encode(bytes.fromhex(md5_hex)).decode("ascii"),
+            "Content-MD5": content_md5(bytes.fromhex(md5_hex)),
             "Content-Type": content_type,
         }
         for name, value in metadata.items():
@@ -202,8 +202,6 @@ class AiohttpPutter:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
         fields = dict(_XML_FIELD.findall(text))
-        raise DependencyUnavailable(
-            "s3",
-            f"{fields.get('Code', f'HTTP {resp.status}')} on bucket {self._bucket!r}: "
-            f"{fields.get('Message', '')}",
+        raise s3_unavailable(
+            fields.get("Code", f"HTTP {resp.status}"), fields.get("Message", ""), self._bucket
         )

@@ -44,8 +44,14 @@ class StoredObject:
     metadata: dict[str, str]
 
 
-def _b64(digest: bytes) -> str:
+def content_md5(digest: bytes) -> str:
+    """The ``Content-MD5`` header value of an md5 digest (base64)."""
     return base64.b64encode(digest).decode("ascii")
+
+
+def s3_unavailable(code: str, message: str, bucket: str) -> DependencyUnavailable:
+    """The error for an S3 error response, worded alike on every transport."""
+    return DependencyUnavailable("s3", f"{code} on bucket {bucket!r}: {message}")
 
 
 @contextmanager
@@ -55,9 +61,7 @@ def s3_errors(bucket: str) -> Iterator[None]:
         yield
     except ClientError as exc:
         err = exc.response.get("Error", {})
-        raise DependencyUnavailable(
-            "s3", f"{err.get('Code', '?')} on bucket {bucket!r}: {err.get('Message', '')}"
-        ) from None
+        raise s3_unavailable(err.get("Code", "?"), err.get("Message", ""), bucket) from None
     except BotoCoreError as exc:
         raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
 
@@ -129,7 +133,7 @@ class ObjectStore:
                 Bucket=self.bucket,
                 Key=key,
                 Body=body,
-                ContentMD5=_b64(bytes.fromhex(md5_hex)),
+                ContentMD5=content_md5(bytes.fromhex(md5_hex)),
                 ContentType=CONTENT_TYPE,
                 Metadata=metadata,
             )
@@ -150,7 +154,7 @@ class ObjectStore:
                         UploadId=upload_id,
                         PartNumber=number,
                         Body=chunk,
-                        ContentMD5=_b64(hashlib.md5(chunk, usedforsecurity=False).digest()),
+                        ContentMD5=content_md5(hashlib.md5(chunk, usedforsecurity=False).digest()),
                     )
                     parts.append({"PartNumber": number, "ETag": resp["ETag"]})
                     number += 1
