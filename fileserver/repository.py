@@ -313,14 +313,15 @@ class Repository:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._inserts: Coalescer[NewRecording, bool] | None = None
         self._lookups: Coalescer[str, str | None] | None = None
-        self._held = (_HeldConnection(self._autocommit), _HeldConnection(self._autocommit))
+        self._insert_conn = _HeldConnection(self._autocommit)  # batched inserts
+        self._lookup_conn = _HeldConnection(self._autocommit)  # batched look-ups
         if batch_rows > 1:
             self._inserts = Coalescer(self._insert_recordings, max_items=batch_rows)
             self._lookups = Coalescer(self._recording_md5s, max_items=batch_rows)
 
     async def close(self) -> None:
         """Close the connections held for batches (the engine's pool is the caller's)."""
-        for held in self._held:
+        for held in (self._insert_conn, self._lookup_conn):
             await held.close()
 
     async def _execute(
@@ -380,7 +381,9 @@ class Repository:
         # one array per column (``unnest`` zips them back into rows)
         columns = zip(*(_recording_values(rows[i]) for i in first.values()), strict=True)
         params = {n: _BinaryArray(c) for n, c in zip(_RECORDING_COLUMNS, columns, strict=True)}
-        result = await self._execute(_INSERT_MANY, write=True, params=params, held=self._held[0])
+        result = await self._execute(
+            _INSERT_MANY, write=True, params=params, held=self._insert_conn
+        )
         inserted = {str(r[0]) for r in result}
         return [first[r.source_url] == i and r.source_url in inserted for i, r in enumerate(rows)]
 
@@ -389,7 +392,7 @@ class Repository:
             _MD5_BY_URLS,
             write=False,
             params={"urls": _BinaryArray(dict.fromkeys(urls))},
-            held=self._held[1],
+            held=self._lookup_conn,
         )
         found = {str(url): str(md5) for url, md5 in rows}
         return [found.get(url) for url in urls]
