@@ -242,7 +242,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         )
         engine = make_engine(settings)
         stack.push_async_callback(engine.dispose)
-        repo = Repository(engine, batch_rows=settings.db_batch_rows)
+        repo = Repository(
+            engine,
+            batch_rows=settings.db_batch_rows,
+            batch_linger_s=settings.db_batch_linger_ms / 1000,
+        )
         stack.push_async_callback(repo.close)
         producer = make_producer(settings)
         try:

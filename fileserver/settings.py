@@ -162,6 +162,7 @@ class Settings:
     log_level: str = "INFO"
     commit_interval_s: float = 1.0
     db_batch_rows: int = 100
+    db_batch_linger_ms: float = 5.0
     http_transport: str = "httpx"
     s3_transport: str = "boto3"
     s3_threads: int = 8
@@ -223,6 +224,7 @@ class Settings:
             log_level=_level(e, "LOG_LEVEL", d.log_level),
             commit_interval_s=_float(e, "COMMIT_INTERVAL_S", d.commit_interval_s, 0.05),
             db_batch_rows=_int(e, "DB_BATCH_ROWS", d.db_batch_rows, 1),
+            db_batch_linger_ms=_float(e, "DB_BATCH_LINGER_MS", d.db_batch_linger_ms, 0.0),
             http_transport=_str(e, "HTTP_TRANSPORT", d.http_transport).lower(),
             s3_transport=_str(e, "S3_TRANSPORT", d.s3_transport).lower(),
             s3_threads=_int(e, "S3_THREADS", d.s3_threads, 1),

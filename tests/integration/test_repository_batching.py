@@ -19,11 +19,11 @@ from tests.helpers import count, query
 from tests.integration.test_repository import _row
 
 
-@pytest.fixture
-async def repo(database_url: str) -> AsyncIterator[Repository]:
+@pytest.fixture(params=[0.0, 0.005], ids=["no-linger", "linger-5ms"])
+async def repo(database_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Repository]:
     upgrade(database_url)
     engine = create_async_engine(database_url)
-    repo = Repository(engine, batch_rows=50)
+    repo = Repository(engine, batch_rows=50, batch_linger_s=request.param)
     yield repo
     await repo.close()
     await engine.dispose()

@@ -46,3 +46,63 @@ async def test_items_queued_while_a_batch_runs_form_the_next_batch() -> None:
     release.set()
     assert await asyncio.gather(first, *rest) == [0, 1, 2, 3]
     assert calls == [[0], [1, 2, 3]]
+
+
+async def test_a_lingering_flusher_gathers_items_from_later_loop_steps() -> None:
+    calls: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        return items
+
+    batcher: Coalescer[int, int] = Coalescer(run, max_items=100, linger_s=0.05)
+    first = asyncio.ensure_future(batcher.call(0))
+    for _ in range(3):
+        await asyncio.sleep(0)  # the flusher is now lingering
+    rest = [asyncio.ensure_future(batcher.call(i)) for i in (1, 2)]
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(first, *rest) == [0, 1, 2]
+    assert calls == [[0, 1, 2]]
+
+
+async def test_a_full_queue_ends_the_linger_at_once() -> None:
+    """An hour's linger: only a full batch can end the wait within the test's timeout."""
+    calls: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        return items
+
+    batcher: Coalescer[int, int] = Coalescer(run, max_items=2, linger_s=3600)
+    futures = []
+    for i in range(4):
+        futures.append(asyncio.ensure_future(batcher.call(i)))
+        await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(*futures) == [0, 1, 2, 3]
+    assert calls == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("steps", [1, 3], ids=["before-it-starts", "while-it-lingers"])
+async def test_cancelling_the_flusher_cancels_the_queued_calls(steps: int) -> None:
+    """Nothing may wait for a batch that no flusher will ever run (shutdown)."""
+    calls: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        return items
+
+    batcher: Coalescer[int, int] = Coalescer(run, max_items=3, linger_s=3600)
+    queued = [asyncio.ensure_future(batcher.call(i)) for i in (1, 2)]
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    (flusher,) = [t for t in asyncio.all_tasks() if t.get_name() == "repository batch"]
+    flusher.cancel()
+    async with asyncio.timeout(5):
+        results = await asyncio.gather(*queued, return_exceptions=True)
+    assert [type(r) for r in results] == [asyncio.CancelledError] * 2
+    assert calls == []
+    # the next calls get a flusher of their own (a full batch ends its linger)
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(*(batcher.call(i) for i in (3, 4, 5))) == [3, 4, 5]
+    assert calls == [[3, 4, 5]]

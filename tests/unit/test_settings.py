@@ -72,6 +72,8 @@ def test_unrelated_variables_are_ignored() -> None:
         ("SOURCE_RETRY_S", "1e3", "source_retry_s", 1000.0),
         ("CONNECT_TIMEOUT_S", "0.1", "connect_timeout_s", 0.1),
         ("COMMIT_INTERVAL_S", "0.05", "commit_interval_s", 0.05),
+        ("DB_BATCH_LINGER_MS", "0", "db_batch_linger_ms", 0.0),
+        ("DB_BATCH_LINGER_MS", "2.5", "db_batch_linger_ms", 2.5),
         ("SESSION_TIMEOUT_S", "45", "session_timeout_s", 45.0),
         ("READ_TIMEOUT_S", "", "read_timeout_s", 30.0),
         # lists
@@ -124,6 +126,7 @@ def test_parsing(name: str, raw: str, attr: str, expected: Any) -> None:
         ({"READ_TIMEOUT_S": "0.01"}, "FILESERVER_READ_TIMEOUT_S"),
         ({"FETCH_TIMEOUT_S": "abc"}, "FILESERVER_FETCH_TIMEOUT_S"),
         ({"COMMIT_INTERVAL_S": "0.01"}, "FILESERVER_COMMIT_INTERVAL_S"),
+        ({"DB_BATCH_LINGER_MS": "-1"}, "FILESERVER_DB_BATCH_LINGER_MS"),
         ({"SESSION_TIMEOUT_S": "0.5"}, "FILESERVER_SESSION_TIMEOUT_S"),
         ({"REBALANCE_TIMEOUT_S": "x"}, "FILESERVER_REBALANCE_TIMEOUT_S"),
         ({"DATABASE_URL": "mysql://u@h/db"}, "FILESERVER_DATABASE_URL"),
