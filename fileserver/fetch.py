@@ -19,6 +19,8 @@ import asyncio
 import hashlib
 import os
 import re
+import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -31,7 +33,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from fileserver.errors import PermanentError, Reason, SourceUnavailable
+from fileserver.errors import ConfigError, PermanentError, Reason, SourceUnavailable
 from fileserver.resolve import Resolver, system_resolver
 from fileserver.sources import (
     DEFAULT_PORTS,
@@ -110,6 +112,54 @@ class _Spool:
         if self.path is not None:
             with suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+SPOOL_PREFIX = "fileserver-spool-"
+
+
+def _spool_owner() -> str:
+    """``<host>-`` for this machine (or container): pids are only comparable on one."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+    return f"{SPOOL_PREFIX}{host}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def prepare_spool_dir(base: str | None) -> tuple[Path, int]:
+    """This process's empty directory for downloads too large for memory, under
+    ``base`` (``FILESERVER_TMP_DIR``; default: the system's temporary directory).
+
+    A worker killed with SIGKILL (or by the OOM killer) cannot remove its temporary
+    files; the next process on the same host removes the directories of processes
+    that no longer exist, and its own pid's (a container restarts with the same pid).
+    Returns the directory and how many files were left over.
+    """
+    root = Path(base or tempfile.gettempdir())
+    owner = _spool_owner()
+    own = root / f"{owner}{os.getpid()}"
+    left = 0
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for path in root.glob(f"{owner}*"):
+            pid = path.name[len(owner) :]
+            if pid.isdigit() and (path == own or not _alive(int(pid))):
+                left += sum(1 for p in path.rglob("*") if not p.is_dir())
+                shutil.rmtree(path, ignore_errors=True)
+        own.mkdir(mode=0o700)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create a directory for downloads under FILESERVER_TMP_DIR={root}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    return own, left
 
 
 def _retry_after(value: str | None) -> float | None:

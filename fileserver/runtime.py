@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import ssl
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from fileserver.deadletter import KafkaDeadLetters
 from fileserver.errors import ConfigError, DependencyUnavailable
-from fileserver.fetch import IN_MEMORY_MAX_BYTES, Fetcher
+from fileserver.fetch import IN_MEMORY_MAX_BYTES, Fetcher, prepare_spool_dir
 from fileserver.pipeline import Ingestor
 from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.repository import Repository
@@ -221,6 +222,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         )
     policy = SourcePolicy(settings.allowed_sources)
     async with AsyncExitStack() as stack:
+        spool, left_over = prepare_spool_dir(settings.tmp_dir)
+        stack.callback(shutil.rmtree, spool, ignore_errors=True)
+        if left_over:
+            log.warning(
+                "removed %s temporary download file(s) left by a worker that was killed",
+                left_over,
+            )
         wire = make_source_wire(settings)
         stack.push_async_callback(wire.aclose)
         # boto3 holds the GIL for most of a put: more threads than this only add
@@ -264,7 +272,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             policy,
             max_bytes=settings.max_file_bytes,
             total_timeout_s=settings.fetch_timeout_s,
-            tmp_dir=settings.tmp_dir,
+            tmp_dir=str(spool),
             resolver=system_resolver,
             # kept in memory only what a single PUT may carry
             in_memory_max_bytes=min(IN_MEMORY_MAX_BYTES, settings.multipart_threshold_bytes),
