@@ -42,6 +42,8 @@ OUTCOMES = ("ingested", "duplicate", "skipped", "dead_lettered")
 DEPENDENCIES = ("source", "s3", "postgres", "dead_letter_topic", "kafka", "unexpected")
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 EVENT_BUCKETS = (*STAGE_BUCKETS, 300, 600, 1800)
+DB_STATEMENTS = ("insert", "lookup")
+DB_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 LAG_NAME = f"{PREFIX}_consumer_lag"
 LAG_HELP = "Records of an assigned partition after the group's committed offset (end - committed)."
@@ -137,6 +139,13 @@ class Metrics:
             buckets=EVENT_BUCKETS,
             registry=r,
         )
+        self.db_batch_rows = Histogram(
+            f"{PREFIX}_db_batch_rows",
+            "Rows per batched database statement: insert (new rows) or lookup (already ingested?).",
+            ("statement",),
+            buckets=DB_BATCH_BUCKETS,
+            registry=r,
+        )
         self.retries = Counter(
             f"{PREFIX}_retries_total",
             "Retries scheduled after a transient failure, by the dependency that failed.",
@@ -173,6 +182,7 @@ class Metrics:
             self.event_seconds.labels(outcome)
         for msg_type in SKIPPED_TYPES:
             self.skipped.labels(str(msg_type))
+        self._db_batches = {name: self.db_batch_rows.labels(name) for name in DB_STATEMENTS}
         for reason in Reason:
             self.dead_letters.labels(reason.value)
         for stage in STAGES:
@@ -197,6 +207,10 @@ class Metrics:
     def stopwatch() -> Stopwatch:
         """Start timing something that is not a ``with`` block (the download)."""
         return Stopwatch(time.monotonic())
+
+    def db_batch(self, statement: str, rows: int) -> None:
+        """One batched statement (``insert`` or ``lookup``) of ``rows`` rows was sent."""
+        self._db_batches[statement].observe(rows)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(max(0.0, seconds))

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
+from functools import partial
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +37,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from fileserver.errors import DependencyUnavailable
+from fileserver.metrics import Metrics, get_metrics
 from fileserver.models import IngestFailure, Recording
 
 LOOKUP_BATCH = 1000
@@ -68,8 +70,11 @@ class Coalescer(Generic[K, R]):
         max_items: int = 100,
         max_flushes: int = 1,
         linger_s: float = 0.0,
+        on_batch: Callable[[int], object] | None = None,
     ) -> None:
+        """``on_batch`` is told the size of every batch before it runs (metrics)."""
         self._run = run
+        self._on_batch = on_batch
         self._max_items = max_items
         self._max_flushes = max_flushes
         self._linger_s = linger_s
@@ -111,6 +116,8 @@ class Coalescer(Generic[K, R]):
             live = [(item, fut) for item, fut in batch if not fut.done()]  # drop cancelled
             if not live:
                 continue
+            if self._on_batch is not None:
+                self._on_batch(len(live))
             try:
                 results = await self._run([item for item, _fut in live])
             except BaseException as exc:
@@ -345,11 +352,18 @@ class Repository:
     """Reads and writes fileserver's tables through one async engine (a connection pool)."""
 
     def __init__(
-        self, engine: AsyncEngine, *, batch_rows: int = 0, batch_linger_s: float = 0.0
+        self,
+        engine: AsyncEngine,
+        *,
+        batch_rows: int = 0,
+        batch_linger_s: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         """``batch_rows`` > 1 groups concurrent :meth:`insert_recording` and
         :meth:`recording_md5` calls into one statement each (up to that many rows),
-        each waiting up to ``batch_linger_s`` for a fuller batch."""
+        each waiting up to ``batch_linger_s`` for a fuller batch; batch sizes go to
+        ``fileserver_db_batch_rows``."""
+        metrics = metrics or get_metrics()
         self._engine = engine
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._inserts: Coalescer[NewRecording, bool] | None = None
@@ -358,10 +372,16 @@ class Repository:
         self._lookup_conn = _HeldConnection(self._autocommit)  # batched look-ups
         if batch_rows > 1:
             self._inserts = Coalescer(
-                self._insert_recordings, max_items=batch_rows, linger_s=batch_linger_s
+                self._insert_recordings,
+                max_items=batch_rows,
+                linger_s=batch_linger_s,
+                on_batch=partial(metrics.db_batch, "insert"),
             )
             self._lookups = Coalescer(
-                self._recording_md5s, max_items=batch_rows, linger_s=batch_linger_s
+                self._recording_md5s,
+                max_items=batch_rows,
+                linger_s=batch_linger_s,
+                on_batch=partial(metrics.db_batch, "lookup"),
             )
 
     async def close(self) -> None:

@@ -13,24 +13,32 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fileserver.errors import DependencyUnavailable
+from fileserver.metrics import Metrics
 from fileserver.migrate import upgrade
 from fileserver.repository import Coalescer, NewRecording, Repository
 from tests.helpers import count, query
 from tests.integration.test_repository import _row
 
 
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(process=False)
+
+
 @pytest.fixture(params=[0.0, 0.005], ids=["no-linger", "linger-5ms"])
-async def repo(database_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Repository]:
+async def repo(
+    database_url: str, metrics: Metrics, request: pytest.FixtureRequest
+) -> AsyncIterator[Repository]:
     upgrade(database_url)
     engine = create_async_engine(database_url)
-    repo = Repository(engine, batch_rows=50, batch_linger_s=request.param)
+    repo = Repository(engine, batch_rows=50, batch_linger_s=request.param, metrics=metrics)
     yield repo
     await repo.close()
     await engine.dispose()
 
 
 async def test_concurrent_inserts_are_batched_and_each_caller_learns_its_outcome(
-    repo: Repository, database_url: str
+    repo: Repository, database_url: str, metrics: Metrics
 ) -> None:
     rows = [_row(f"http://127.0.0.1/{i}.mp3", offset=i) for i in range(120)]
     assert await repo.insert_recording(rows[0])
@@ -50,6 +58,16 @@ async def test_concurrent_inserts_are_batched_and_each_caller_learns_its_outcome
         *(repo.recording_md5(u) for u in ("http://127.0.0.1/5.mp3", "http://127.0.0.1/none.mp3"))
     )
     assert md5s == [rows[5].md5, None]
+
+    def batched(statement: str, what: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            f"fileserver_db_batch_rows_{what}", {"statement": statement}
+        )
+
+    # every call was counted in exactly one batch (fileserver_db_batch_rows)
+    assert batched("insert", "sum") == 1 + len(again)
+    assert batched("lookup", "sum") == 2
+    assert (batched("insert", "count") or 0) < len(again)  # batches, not one per row
 
 
 async def test_a_failed_batch_fails_every_caller_of_it() -> None:

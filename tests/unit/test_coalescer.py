@@ -65,6 +65,18 @@ async def test_a_lingering_flusher_gathers_items_from_later_loop_steps() -> None
     assert calls == [[0, 1, 2]]
 
 
+async def test_each_batch_size_is_reported_before_the_batch_runs() -> None:
+    sizes: list[int] = []
+
+    async def run(items: list[int]) -> list[int]:
+        sizes.append(-len(items))  # runs after the report
+        return items
+
+    batcher: Coalescer[int, int] = Coalescer(run, max_items=2, on_batch=sizes.append)
+    assert await asyncio.gather(*(batcher.call(i) for i in range(3))) == [0, 1, 2]
+    assert sizes == [2, -2, 1, -1]
+
+
 async def test_a_full_queue_ends_the_linger_at_once() -> None:
     """An hour's linger: only a full batch can end the wait within the test's timeout."""
     calls: list[list[int]] = []
