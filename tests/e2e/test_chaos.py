@@ -87,8 +87,39 @@ def _all_accounted_for(good: int, bad: int) -> dict[str, int]:
     }
 
 
+def _slow_large_recording(srv: SampleServer) -> str:
+    """A 2.4 MB recording whose last quarter comes 6 s after the rest: a worker killed
+    meanwhile has it half-written in its spool directory (more than 1 MiB goes to disk)."""
+    path = "/c/room_1_user_big_1569569999.mp3"
+    body = make_mp3(60.0, sample_rate=44100, bitrate_kbps=320)
+    srv.files[path] = body
+
+    def slow(req: BaseHTTPRequestHandler) -> bool:
+        if req.path != path:
+            return False
+        req.send_response(200)
+        req.send_header("Content-Type", "audio/mpeg")
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        try:
+            req.wfile.write(body[: len(body) * 3 // 4])
+            req.wfile.flush()
+            time.sleep(6.0)
+            req.wfile.write(body[len(body) * 3 // 4 :])
+        except OSError:  # the worker was killed
+            pass
+        return True
+
+    srv.hooks.append(slow)
+    return srv.url(path)
+
+
+@pytest.mark.parametrize("transports", TRANSPORT_SETS)
 def test_repeated_sigkill_during_out_of_order_processing(
-    kafka_stack: StackConfig, sample_server: SampleServer, tmp_path: Path
+    kafka_stack: StackConfig,
+    sample_server: SampleServer,
+    tmp_path: Path,
+    transports: dict[str, str],
 ) -> None:
     stack, srv = kafka_stack, sample_server
     rng = random.Random(20261128)
@@ -101,10 +132,14 @@ def test_repeated_sigkill_during_out_of_order_processing(
         return False
 
     srv.hooks.append(jitter)
+    large = _slow_large_recording(srv)
     records, urls, bad = _corpus(srv, 200, rng)
+    records.insert(0, talk_event(large, uid="9999"))  # first: every restart fetches it again
+    urls.add(large)
     asyncio.run(publish(stack.kafka_bootstrap, stack.topic, records))
     log = tmp_path / "worker.log"
-    env = {"FILESERVER_CONCURRENCY": "16"}
+    spool = tmp_path / "spool"
+    env = {"FILESERVER_CONCURRENCY": "16", "FILESERVER_TMP_DIR": str(spool), **transports}
     kills = 0
     for _ in range(6):
         worker = start_worker(stack, log_path=log, extra_env=env)
@@ -134,6 +169,11 @@ def test_repeated_sigkill_during_out_of_order_processing(
     )
     assert figures == _all_accounted_for(len(urls), bad)
     assert rows_after_kills > 0, "the killed runs should have made progress"
+    # half-written large downloads of killed workers were found and removed by the next
+    # worker to start, and the final worker removed its own directory at exit
+    logs = (tmp_path / "worker.log").read_text() + log.read_text()
+    assert "temporary download file(s) left by a worker that was killed" in logs
+    assert list(spool.glob("fileserver-spool-*")) == []  # (faust keeps its data dir here)
 
 
 def _terminate_backends(database_url: str) -> int:
