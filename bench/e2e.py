@@ -5,7 +5,8 @@ source server in its own process (:mod:`bench.sources`) serving realistic clips 
 16 kHz mono, 24 kbps CBR, ~9 KB), then runs the selected cases, each ``--runs`` times
 with fresh topics, group, bucket and database:
 
-* ``throughput``: one ``fileserver worker`` process (the settings of ``--preset``, by
+* ``throughput``: one ``fileserver worker`` process (``--workers N``: N in one group, on
+  ``--partitions`` partitions, by default 2 per worker) (the settings of ``--preset``, by
   default the code defaults, plus ``--env``). After a warm-up event, N seed-format
   events are published as fast as possible; events/s is N over the time from the first
   publish to the last row's ``ingested_at``. Also: worker CPU per
@@ -572,6 +573,17 @@ def main(argv: list[str] | None = None) -> int:
         default="defaults",
         help="worker settings preset: code defaults, or the aiohttp download and S3 transports",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes of the throughput and latency runs (default 1)",
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        help="partitions of their topic (default: 1 for one worker, else 2 per worker)",
+    )
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the worker")
     parser.add_argument("--label", default="", help="name of this configuration in the JSON")
     parser.add_argument("--profile", type=Path, help="run workers under cProfile, dump here")
@@ -645,9 +657,13 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
 
+        layout = {
+            "workers_count": args.workers,
+            "partitions": args.partitions or (1 if args.workers == 1 else 2 * args.workers),
+        }
         for _ in range(args.runs):
             if "throughput" in cases:
-                record(run_stream(bench, "throughput", args.events))
+                record(run_stream(bench, "throughput", args.events, **layout))
             if "naive" in cases:
                 record(run_naive(bench, args.naive_events))
             if "scale" in cases:
@@ -663,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             n = max(500, min(args.events, int(half * 8)))
             for _ in range(args.runs):
                 name = "latency at half max" if args.latency_rate is None else "latency"
-                record(run_stream(bench, "throughput", n, rate=half), name)
+                record(run_stream(bench, "throughput", n, rate=half, **layout), name)
         if "large" in cases:
             record(run_large(bench, args.large_mb * 1024 * 1024))
         print(f"worker preset: {args.preset} {worker_env or ''}")
