@@ -167,6 +167,8 @@ class Settings:
     s3_transport: str = "boto3"
     s3_threads: int = 8
     session_timeout_s: float = 30.0
+    kafka_fetch_min_bytes: int = 64 * 1024
+    kafka_fetch_max_wait_ms: int = 20
     rebalance_timeout_s: float = 60.0
 
     @classmethod
@@ -229,6 +231,10 @@ class Settings:
             s3_transport=_str(e, "S3_TRANSPORT", d.s3_transport).lower(),
             s3_threads=_int(e, "S3_THREADS", d.s3_threads, 1),
             session_timeout_s=_float(e, "SESSION_TIMEOUT_S", d.session_timeout_s, 1.0),
+            kafka_fetch_min_bytes=_int(e, "KAFKA_FETCH_MIN_BYTES", d.kafka_fetch_min_bytes, 1),
+            kafka_fetch_max_wait_ms=_int(
+                e, "KAFKA_FETCH_MAX_WAIT_MS", d.kafka_fetch_max_wait_ms, 0
+            ),
             rebalance_timeout_s=_float(e, "REBALANCE_TIMEOUT_S", d.rebalance_timeout_s, 1.0),
         )
         settings.validate()
@@ -251,6 +257,11 @@ class Settings:
             raise ConfigError(f"{PREFIX}HTTP_TRANSPORT must be httpx or aiohttp")
         if self.s3_transport not in ("boto3", "aiohttp"):
             raise ConfigError(f"{PREFIX}S3_TRANSPORT must be boto3 or aiohttp")
+        if self.kafka_fetch_max_wait_ms > 10_000:
+            raise ConfigError(
+                f"{PREFIX}KAFKA_FETCH_MAX_WAIT_MS={self.kafka_fetch_max_wait_ms} is over "
+                "10000: it is also the latency added when traffic is light"
+            )
         if self.metrics_port > 65535:
             raise ConfigError(f"{PREFIX}METRICS_PORT={self.metrics_port} is not a TCP port")
         self._validate_security()

@@ -25,6 +25,7 @@ from typing import Any
 
 import faust
 
+from fileserver import faust_transport
 from fileserver.acks import OrderedAcks
 from fileserver.processor import Processor
 from fileserver.record import SourceRecord
@@ -113,10 +114,15 @@ class IntakeWindow:
 
 
 class FileserverApp(faust.App):
-    """faust.App whose wait for in-flight events (shutdown, revocation) is bounded."""
+    """faust.App whose wait for in-flight events (shutdown, revocation) is bounded, and
+    whose consumer batches its fetches (:mod:`fileserver.faust_transport`)."""
 
     window: IntakeWindow | None = None
     shutdown_grace_s: float = 30.0
+    fetch_batching: tuple[int, int] | None = None  # (fetch_min_bytes, fetch_max_wait_ms)
+
+    def _new_transport(self) -> Any:
+        return faust_transport.Transport(self.conf.broker_consumer, self)
 
     async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
         window = self.window
@@ -184,6 +190,7 @@ def build_app(settings: Settings) -> FileserverApp:
         producer_acks=-1,
     )
     app.shutdown_grace_s = settings.shutdown_grace_s
+    app.fetch_batching = (settings.kafka_fetch_min_bytes, settings.kafka_fetch_max_wait_ms)
     # /metrics, /healthz, /readyz: bound now (a busy port stops the start), served with the app.
     observability = Observability.bind(settings)
     app.add_dependency(observability.service())

@@ -168,6 +168,8 @@ def test_mixed_batch_ends_as_exact_rows_objects_and_dead_letters(
     assert count(stack.database_url, "ingest_failures") == len(bad)
     assert len(asyncio.run(read_all(stack.kafka_bootstrap, stack.dlq_topic))) == len(bad)
     assert all(srv.hits.get(p) == hits_before.get(p) for p in good), "ingested files re-downloaded"
+    # the consumer batched its fetches as configured (FILESERVER_KAFKA_FETCH_*)
+    assert "fetch_min_bytes=65536 fetch_max_wait_ms=20" in log.read_text()
 
 
 def test_sigkill_with_a_slow_early_event_loses_nothing(
