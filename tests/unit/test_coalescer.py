@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -48,13 +49,21 @@ async def test_items_queued_while_a_batch_runs_form_the_next_batch() -> None:
     assert calls == [[0], [1, 2, 3]]
 
 
-async def test_a_lingering_flusher_gathers_items_from_later_loop_steps() -> None:
+def _echo_recording_batches() -> tuple[
+    list[list[int]], Callable[[list[int]], Awaitable[list[int]]]
+]:
+    """A ``run`` that returns its items, and the list of the batches it was given."""
     calls: list[list[int]] = []
 
     async def run(items: list[int]) -> list[int]:
         calls.append(items)
         return items
 
+    return calls, run
+
+
+async def test_a_lingering_flusher_gathers_items_from_later_loop_steps() -> None:
+    calls, run = _echo_recording_batches()
     batcher: Coalescer[int, int] = Coalescer(run, max_items=100, linger_s=0.05)
     first = asyncio.ensure_future(batcher.call(0))
     for _ in range(3):
@@ -79,12 +88,7 @@ async def test_each_batch_size_is_reported_before_the_batch_runs() -> None:
 
 async def test_a_full_queue_ends_the_linger_at_once() -> None:
     """An hour's linger: only a full batch can end the wait within the test's timeout."""
-    calls: list[list[int]] = []
-
-    async def run(items: list[int]) -> list[int]:
-        calls.append(items)
-        return items
-
+    calls, run = _echo_recording_batches()
     batcher: Coalescer[int, int] = Coalescer(run, max_items=2, linger_s=3600)
     futures = []
     for i in range(4):
@@ -98,12 +102,7 @@ async def test_a_full_queue_ends_the_linger_at_once() -> None:
 @pytest.mark.parametrize("steps", [1, 3], ids=["before-it-starts", "while-it-lingers"])
 async def test_cancelling_the_flusher_cancels_the_queued_calls(steps: int) -> None:
     """Nothing may wait for a batch that no flusher will ever run (shutdown)."""
-    calls: list[list[int]] = []
-
-    async def run(items: list[int]) -> list[int]:
-        calls.append(items)
-        return items
-
+    calls, run = _echo_recording_batches()
     batcher: Coalescer[int, int] = Coalescer(run, max_items=3, linger_s=3600)
     queued = [asyncio.ensure_future(batcher.call(i)) for i in (1, 2)]
     for _ in range(steps):
