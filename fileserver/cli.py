@@ -52,6 +52,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     # override_logging=False: keep fileserver's handler (JSON lines unless a terminal).
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False)
+    if not worker.stdout.isatty():
+        # faust's start-up spinner writes cursor escapes (ESC[?25h) even when stdout is
+        # not a terminal: they would land in front of a JSON log line.
+        worker.spinner = None
     if stop_requested:
         log.info("signal %s before the worker started: exiting", stop_requested[0])
         return 0

@@ -224,4 +224,5 @@ def test_scrape_readiness_and_logs_of_a_real_run(
     assert set(dead) == {"malformed_json", "source_not_found"}
     assert dead["source_not_found"]["uid"] == 99 and "404" in dead["source_not_found"]["detail"]
     text = log.read_text()
+    assert "\x1b" not in text, "terminal escape codes in a non-terminal log"
     assert stack.s3_secret_key not in text
