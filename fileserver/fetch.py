@@ -5,8 +5,9 @@ Every hop (the URL, then each redirect, at most :data:`MAX_REDIRECTS`) is checke
 injected resolver, every address is checked, and the request goes to a checked address
 (URL host rewritten to the IP, ``Host`` header and TLS SNI/verification on the original
 name), so a DNS answer cannot change between check and connect. A recording of up to
-``in_memory_max_bytes`` (default 1 MiB: every talk burst) is kept in memory; a larger one
-is spooled to a temporary file, never held whole in memory. Enforces the size cap on
+``in_memory_max_bytes`` (default 1 MiB: every talk burst) is kept in memory while the
+fetcher's :class:`MemoryBudget` (all downloads in flight together) has room; a larger one,
+or one that finds the budget spent, is spooled to a temporary file. Enforces the size cap on
 ``Content-Length`` and on the bytes actually read, bounds the whole download (lookups
 included) by a total timeout, and always removes the temporary file. The request itself
 goes out on a wire (:mod:`fileserver.wires`: httpx by default, or aiohttp), whose errors
@@ -46,6 +47,7 @@ from fileserver.wires import HttpxWire, Wire, WireError, WireResponse
 
 MAX_REDIRECTS = 5
 IN_MEMORY_MAX_BYTES = 1024 * 1024
+MEMORY_BUDGET_BYTES = 64 * 1024 * 1024
 _RETRYABLE_STATUS = {408, 425, 429}
 _REDIRECT_STATUS = {301, 302, 303, 307, 308}
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,30}")
@@ -75,19 +77,46 @@ class Download:
         return content if isinstance(content, bytes) else content.read_bytes()
 
 
-class _Spool:
-    """A download's sink: bytes in memory up to ``limit``, then a temporary file."""
+class MemoryBudget:
+    """Bytes of recordings all downloads together may hold in memory (no I/O).
 
-    def __init__(self, limit: int, tmp_dir: str | None) -> None:
+    So memory stays bounded whatever ``FILESERVER_CONCURRENCY`` is: a download that
+    finds the budget spent goes to a temporary file instead.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def reserve(self, n: int) -> bool:
+        """Take ``n`` bytes if they fit."""
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.held -= n
+
+
+class _Spool:
+    """A download's sink: bytes in memory up to ``limit`` while ``budget`` has room,
+    else a temporary file."""
+
+    def __init__(self, limit: int, tmp_dir: str | None, budget: MemoryBudget) -> None:
         self._limit = limit
         self._tmp_dir = tmp_dir
+        self._budget = budget
+        self._reserved = 0  # bytes of ``budget`` this download holds
         self.buffer: bytearray | None = bytearray()
         self.path: Path | None = None
         self._file: BinaryIO | None = None
 
     def write(self, chunk: bytes) -> None:
         if self.buffer is not None:
-            if len(self.buffer) + len(chunk) <= self._limit:
+            n = len(chunk)
+            if len(self.buffer) + n <= self._limit and self._budget.reserve(n):
+                self._reserved += n
                 self.buffer += chunk
                 return
             self._spill()
@@ -101,14 +130,28 @@ class _Spool:
         if self.buffer:
             self._file.write(self.buffer)
         self.buffer = None
+        self._release()
+
+    def take_bytes(self) -> bytes | None:
+        """The recording when it stayed in memory (the budget stays held until
+        :meth:`discard`)."""
+        if self.buffer is None:
+            return None
+        data, self.buffer = bytes(self.buffer), None
+        return data
+
+    def _release(self) -> None:
+        self._budget.release(self._reserved)
+        self._reserved = 0
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
 
     def discard(self) -> None:
-        """Close and remove the temporary file, if any."""
+        """Close and remove the temporary file, if any; give back the memory budget."""
         self.close()
+        self._release()
         if self.path is not None:
             with suppress(FileNotFoundError):
                 self.path.unlink()
@@ -213,9 +256,11 @@ class Fetcher:
         resolver: Resolver | None = None,
         max_redirects: int = MAX_REDIRECTS,
         in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
+        memory_budget_bytes: int = MEMORY_BUDGET_BYTES,
     ) -> None:
         self._wire: Wire = HttpxWire(client) if isinstance(client, httpx.AsyncClient) else client
         self._in_memory_max = in_memory_max_bytes
+        self.memory = MemoryBudget(memory_budget_bytes)
         self._policy = policy
         self._max_bytes = max_bytes
         self._total_timeout_s = total_timeout_s
@@ -227,7 +272,7 @@ class Fetcher:
     async def download(self, url: str) -> AsyncIterator[Download]:
         """Download ``url``; a temporary file, if one was needed, is removed when the
         block exits."""
-        spool = _Spool(self._in_memory_max, self._tmp_dir)
+        spool = _Spool(self._in_memory_max, self._tmp_dir, self.memory)
         try:
             try:
                 async with asyncio.timeout(self._total_timeout_s):
@@ -238,7 +283,7 @@ class Fetcher:
                     f"{self._total_timeout_s:g}s: {display_url(url)}"
                 ) from None
             spool.close()
-            data = None if spool.buffer is None else bytes(spool.buffer)
+            data = spool.take_bytes()
             yield Download(path=spool.path, data=data, size=size, md5=md5, url=final_url)
         finally:
             spool.discard()

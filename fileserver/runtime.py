@@ -276,6 +276,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             resolver=system_resolver,
             # kept in memory only what a single PUT may carry
             in_memory_max_bytes=min(IN_MEMORY_MAX_BYTES, settings.multipart_threshold_bytes),
+            memory_budget_bytes=settings.download_memory_bytes,
         )
         ingestor = Ingestor(fetcher, store, repo, max_duration_s=settings.max_duration_s)
         health = Health()

@@ -147,8 +147,9 @@ class Settings:
     dlq_max_consecutive: int = 100
     dlq_breaker_cooldown_s: float = 60.0
     shutdown_grace_s: float = 30.0
-    concurrency: int = 64
+    concurrency: int = 192
     max_pending: int = 4096
+    download_memory_bytes: int = 64 * 1024 * 1024
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     fetch_timeout_s: float = 120.0
@@ -162,7 +163,7 @@ class Settings:
     log_level: str = "INFO"
     commit_interval_s: float = 1.0
     db_batch_rows: int = 100
-    db_batch_linger_ms: float = 5.0
+    db_batch_linger_ms: float = 10.0
     http_transport: str = "httpx"
     s3_transport: str = "boto3"
     s3_threads: int = 8
@@ -209,6 +210,7 @@ class Settings:
             shutdown_grace_s=_float(e, "SHUTDOWN_GRACE_S", d.shutdown_grace_s),
             concurrency=_int(e, "CONCURRENCY", d.concurrency, 1),
             max_pending=_int(e, "MAX_PENDING", d.max_pending, 1),
+            download_memory_bytes=_int(e, "DOWNLOAD_MEMORY_BYTES", d.download_memory_bytes, 0),
             connect_timeout_s=_float(e, "CONNECT_TIMEOUT_S", d.connect_timeout_s, 0.1),
             read_timeout_s=_float(e, "READ_TIMEOUT_S", d.read_timeout_s, 0.1),
             fetch_timeout_s=_float(e, "FETCH_TIMEOUT_S", d.fetch_timeout_s, 0.1),

@@ -30,6 +30,7 @@ def fetcher(
     tmp_path: Path,
     max_bytes: int = 1_000_000,
     in_memory_max_bytes: int = 64 * 1024,
+    memory_budget_bytes: int = 1024 * 1024,
 ) -> Fetcher:
     return Fetcher(
         http,
@@ -38,6 +39,7 @@ def fetcher(
         total_timeout_s=3,
         tmp_dir=str(tmp_path),
         in_memory_max_bytes=in_memory_max_bytes,
+        memory_budget_bytes=memory_budget_bytes,
     )
 
 
@@ -48,6 +50,21 @@ def _status(code: int, headers: dict[str, str] | None = None):  # type: ignore[n
             req.send_header(k, v)
         req.send_header("Content-Length", "0")
         req.end_headers()
+        return True
+
+    return hook
+
+
+def _chunked(kib: int):  # type: ignore[no-untyped-def]
+    """A hook answering every request with ``kib`` KiB, chunked (no Content-Length)."""
+
+    def hook(req: BaseHTTPRequestHandler) -> bool:
+        req.send_response(200)
+        req.send_header("Transfer-Encoding", "chunked")
+        req.end_headers()
+        for _ in range(kib):
+            req.wfile.write(b"400\r\n" + b"z" * 1024 + b"\r\n")
+        req.wfile.write(b"0\r\n\r\n")
         return True
 
     return hook
@@ -91,6 +108,41 @@ async def test_a_recording_just_above_the_limit_is_spooled_whole_to_a_file(
     assert list(tmp_path.iterdir()) == []
 
 
+async def test_downloads_in_flight_together_stay_within_the_memory_budget(
+    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+) -> None:
+    """Room for one recording in memory: the second one open at the same time goes to a
+    file, whole and intact; the budget is given back when each download ends."""
+    first, second = b"a" * 40_000, b"b" * 40_000
+    sample_server.files["/1.mp3"], sample_server.files["/2.mp3"] = first, second
+    f = fetcher(http, tmp_path, memory_budget_bytes=50_000)
+    async with f.download(sample_server.url("/1.mp3")) as one:
+        assert one.data == first and one.path is None
+        assert f.memory.held == len(first)
+        async with f.download(sample_server.url("/2.mp3")) as two:
+            assert two.data is None and two.path is not None
+            assert two.path.read_bytes() == second
+            assert two.md5 == hashlib.md5(second).hexdigest()
+            assert f.memory.held == len(first)  # the spilled bytes were given back
+        assert f.memory.held == len(first)
+    assert f.memory.held == 0
+    async with f.download(sample_server.url("/2.mp3")) as again:  # room again
+        assert again.data == second and again.path is None
+    assert f.memory.held == 0 and list(tmp_path.iterdir()) == []
+
+
+async def test_a_download_failing_midway_gives_back_its_memory_budget(
+    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+) -> None:
+    sample_server.hooks.append(_chunked(30))  # no Content-Length: read, then refused
+    f = fetcher(http, tmp_path, max_bytes=20_000)
+    with pytest.raises(PermanentError) as info:
+        async with f.download(sample_server.url("/c.mp3")):
+            pass
+    assert info.value.reason is Reason.TOO_LARGE
+    assert f.memory.held == 0 and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("code", "error", "reason"),
     [
@@ -129,16 +181,7 @@ async def test_too_large_by_content_length_and_by_bytes(
             pass
     assert info.value.reason is Reason.TOO_LARGE
 
-    def chunked(req: BaseHTTPRequestHandler) -> bool:  # no Content-Length, endless-ish body
-        req.send_response(200)
-        req.send_header("Transfer-Encoding", "chunked")
-        req.end_headers()
-        for _ in range(100):
-            req.wfile.write(b"400\r\n" + b"z" * 1024 + b"\r\n")
-        req.wfile.write(b"0\r\n\r\n")
-        return True
-
-    sample_server.hooks.append(chunked)
+    sample_server.hooks.append(_chunked(100))  # no Content-Length, endless-ish body
     with pytest.raises(PermanentError) as info:
         async with fetcher(http, tmp_path, max_bytes=10_000).download(sample_server.url("/c.mp3")):
             pass
