@@ -58,7 +58,14 @@ Responder = Callable[[BaseHTTPRequestHandler], bool]
 
 
 class _QuietServer(ThreadingHTTPServer):
-    """Clients that hang up (killed workers, timeouts) are normal here, not errors."""
+    """Clients that hang up (killed workers, timeouts) are normal here, not errors.
+
+    The accept backlog is socketserver's 5 unless raised: a worker opening up to
+    ``FILESERVER_CONCURRENCY`` connections at once would see some refused, which a real
+    gateway's server (backlog in the hundreds) does not do.
+    """
+
+    request_queue_size = 1024
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
