@@ -6,7 +6,8 @@
   beside a bare ``aiohttp`` GET (the floor), against the benchmark's aiohttp source server
   in its own process;
 * upload: :class:`~fileserver.storage.ObjectStore` with boto3 (thread pool) and with the
-  aiohttp putter, against SeaweedFS, with the server's own CPU per PUT.
+  event-loop putter on each sender (``FILESERVER_S3_TRANSPORT=aiohttp``, ``http11``),
+  against SeaweedFS, with the server's own CPU per PUT.
 
 Each row: N operations at concurrency 32 after a warm-up, client CPU (this process) per
 operation and operations/s. Keys have the production layout (nested "directories").
@@ -24,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,43 +83,46 @@ def _cpu_s(pid: int) -> float:
 
 
 async def uploads(s3: Any, n: int, body: bytes) -> list[tuple[str, float, float, float]]:
-    import aiohttp
     import boto3
 
-    from fileserver.runtime import make_s3_client
-    from fileserver.s3_aiohttp import AiohttpPutter
+    from fileserver.runtime import make_s3_client, make_s3_putter
     from fileserver.settings import Settings
     from fileserver.storage import ObjectStore
 
-    settings = Settings(s3_endpoint_url=s3.endpoint_url, s3_region=s3.region)
+    bucket = "bench-components"
+    settings = Settings(
+        s3_endpoint_url=s3.endpoint_url,
+        s3_region=s3.region,
+        s3_bucket=bucket,
+        concurrency=CONCURRENCY,
+    )
     session = boto3.session.Session(
         aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key
     )
     client = make_s3_client(settings, session)
-    bucket = "bench-components"
     client.create_bucket(Bucket=bucket)
     md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
     rows = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as http:
-        putter = AiohttpPutter.for_client(
-            http, client, bucket, credentials=session.get_credentials(), timeout_s=30
-        )
-        with ThreadPoolExecutor(8) as executor:
-            for name, fast in (
-                ("ObjectStore, boto3 (8 threads)", None),
-                ("ObjectStore, aiohttp", putter),
-            ):
-                store = ObjectStore(client, bucket, executor, putter=fast)
-                tag = "boto3" if fast is None else "aiohttp"
+    with ThreadPoolExecutor(8) as executor:
+        for tag in ("boto3", "aiohttp", "http11"):
+            fast = None
+            if tag != "boto3":
+                fast = make_s3_putter(replace(settings, s3_transport=tag), client, session)
+            name = "ObjectStore, boto3 (8 threads)" if fast is None else f"ObjectStore, {tag}"
+            store = ObjectStore(client, bucket, executor, putter=fast)
 
-                async def put(i: int, store: ObjectStore = store, tag: str = tag) -> None:
-                    key = f"{i % 17}/{i % 500}/2019/09/27/{tag}-{i}-{md5}.mp3"
-                    await store.put_file(key, body, md5, {"md5": md5})
+            async def put(i: int, store: ObjectStore = store, tag: str = tag) -> None:
+                key = f"{i % 17}/{i % 500}/2019/09/27/{tag}-{i}-{md5}.mp3"
+                await store.put_file(key, body, md5, {"md5": md5})
 
-                server0 = _cpu_s(s3.pid)
+            server0 = _cpu_s(s3.pid)
+            try:
                 cpu_us, rate = await _measure(n, put)
-                server_ms = (_cpu_s(s3.pid) - server0) * 1000 / (n + 100)
-                rows.append((name, cpu_us, rate, server_ms))
+            finally:
+                if fast is not None:
+                    await fast.sender.aclose()
+            server_ms = (_cpu_s(s3.pid) - server0) * 1000 / (n + 100)
+            rows.append((name, cpu_us, rate, server_ms))
     return rows
 
 

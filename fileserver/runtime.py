@@ -21,6 +21,7 @@ from aiokafka.helpers import create_ssl_context
 from botocore.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from fileserver import http11
 from fileserver.deadletter import KafkaDeadLetters
 from fileserver.errors import ConfigError, DependencyUnavailable
 from fileserver.fetch import IN_MEMORY_MAX_BYTES, Fetcher, prepare_spool_dir
@@ -28,7 +29,7 @@ from fileserver.pipeline import Ingestor
 from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.repository import Repository
 from fileserver.resolve import system_resolver
-from fileserver.s3_aiohttp import AiohttpPutter
+from fileserver.s3_put import AiohttpSender, Http11Sender, S3Putter, Sender, object_url_prefix
 from fileserver.settings import Settings, redact_url
 from fileserver.sources import SourcePolicy
 from fileserver.storage import ObjectStore
@@ -74,29 +75,46 @@ def make_s3_client(settings: Settings, session: boto3.session.Session | None = N
     )
 
 
-async def make_s3_putter(
-    settings: Settings, client: Any, session: boto3.session.Session, stack: AsyncExitStack
-) -> AiohttpPutter:
-    """The aiohttp PUT path of ``FILESERVER_S3_TRANSPORT=aiohttp`` (closed with ``stack``)."""
+def make_s3_putter(settings: Settings, client: Any, session: boto3.session.Session) -> S3Putter:
+    """The event-loop PUT path of ``FILESERVER_S3_TRANSPORT=aiohttp|http11`` (its sender
+    must be closed: ``putter.sender.aclose()``)."""
     verify = settings.s3_verify
-    ssl_option: ssl.SSLContext | bool = (
-        ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
-    )
-    http = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.concurrency, ssl=ssl_option),
-        timeout=aiohttp.ClientTimeout(
-            sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
-        ),
-        trust_env=False,
-        auto_decompress=False,
-    )
-    stack.push_async_callback(http.close)
-    return AiohttpPutter.for_client(
-        http,
-        client,
-        settings.s3_bucket,
+    ssl_context: ssl.SSLContext | None = None
+    if isinstance(verify, str):
+        ssl_context = ssl.create_default_context(cafile=verify)
+    elif verify is False:
+        ssl_context = ssl.create_default_context()
+        ssl_context.check_hostname = False
+        ssl_context.verify_mode = ssl.CERT_NONE
+    timeout_s = settings.connect_timeout_s + settings.read_timeout_s
+    prefix = object_url_prefix(client, settings.s3_bucket)
+    sender: Sender
+    if settings.s3_transport == "http11":
+        pool = http11.Pool(
+            http11.origin_of(prefix),
+            limit=settings.concurrency,
+            connect_timeout_s=settings.connect_timeout_s,
+            ssl_context=ssl_context,
+        )
+        sender = Http11Sender(pool, timeout_s=timeout_s)
+    else:
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=settings.concurrency, ssl=ssl_context if ssl_context else True
+            ),
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+            ),
+            trust_env=False,
+            auto_decompress=False,
+        )
+        sender = AiohttpSender(http, timeout_s=timeout_s)
+    return S3Putter(
+        sender,
+        prefix=prefix,
+        bucket=settings.s3_bucket,
         credentials=session.get_credentials(),
-        timeout_s=settings.connect_timeout_s + settings.read_timeout_s,
+        region=client.meta.region_name or "us-east-1",
     )
 
 
@@ -238,8 +256,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         boto_session = boto3.session.Session()
         s3_client = make_s3_client(settings, boto_session)
         putter = None
-        if settings.s3_transport == "aiohttp":
-            putter = await make_s3_putter(settings, s3_client, boto_session, stack)
+        if settings.s3_transport != "boto3":
+            putter = make_s3_putter(settings, s3_client, boto_session)
+            stack.push_async_callback(putter.sender.aclose)
         store = ObjectStore(
             s3_client,
             settings.s3_bucket,

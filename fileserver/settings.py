@@ -257,8 +257,8 @@ class Settings:
             )
         if self.http_transport not in ("httpx", "aiohttp"):
             raise ConfigError(f"{PREFIX}HTTP_TRANSPORT must be httpx or aiohttp")
-        if self.s3_transport not in ("boto3", "aiohttp"):
-            raise ConfigError(f"{PREFIX}S3_TRANSPORT must be boto3 or aiohttp")
+        if self.s3_transport not in ("boto3", "aiohttp", "http11"):
+            raise ConfigError(f"{PREFIX}S3_TRANSPORT must be boto3, aiohttp or http11")
         if self.kafka_fetch_max_wait_ms > 10_000:
             raise ConfigError(
                 f"{PREFIX}KAFKA_FETCH_MAX_WAIT_MS={self.kafka_fetch_max_wait_ms} is over "

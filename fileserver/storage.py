@@ -27,12 +27,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fileserver.errors import DependencyUnavailable
 
 if TYPE_CHECKING:
-    from fileserver.s3_aiohttp import AiohttpPutter
+    from fileserver.s3_put import S3Putter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CONTENT_TYPE = "audio/mpeg"
-FAST_PUT_MAX_BYTES = 1024 * 1024  # read whole into memory for the aiohttp putter
+FAST_PUT_MAX_BYTES = 1024 * 1024  # read whole into memory for the event-loop putter
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def s3_errors(bucket: str) -> Iterator[None]:
 class ObjectStore:
     """One bucket, one boto3 client (thread-safe), one bounded thread pool.
 
-    With a ``putter`` (``FILESERVER_S3_TRANSPORT=aiohttp``), objects up to
+    With a ``putter`` (``FILESERVER_S3_TRANSPORT=aiohttp`` or ``http11``), objects up to
     :data:`FAST_PUT_MAX_BYTES` are PUT on the event loop by
-    :class:`~fileserver.s3_aiohttp.AiohttpPutter` instead of boto3; the rest is unchanged.
+    :class:`~fileserver.s3_put.S3Putter` instead of boto3; the rest is unchanged.
     """
 
     def __init__(
@@ -82,7 +82,7 @@ class ObjectStore:
         *,
         multipart_threshold: int = 16 * 1024 * 1024,
         chunk_size: int = 8 * 1024 * 1024,
-        putter: AiohttpPutter | None = None,
+        putter: S3Putter | None = None,
     ) -> None:
         self._client = client
         self.bucket = bucket

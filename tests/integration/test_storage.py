@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import uuid
@@ -13,9 +14,10 @@ import aiohttp
 import boto3
 import pytest
 
+from fileserver import http11
 from fileserver.errors import DependencyUnavailable
 from fileserver.runtime import make_s3_client
-from fileserver.s3_aiohttp import AiohttpPutter, object_url_prefix
+from fileserver.s3_put import AiohttpSender, Http11Sender, S3Putter, Sender, object_url_prefix
 from fileserver.settings import Settings
 from fileserver.storage import FAST_PUT_MAX_BYTES, ObjectStore
 
@@ -40,25 +42,39 @@ def store(seaweed: Any, bucket: str, **kw: Any) -> ObjectStore:
     return ObjectStore(client(seaweed), bucket, ThreadPoolExecutor(4), **kw)
 
 
-@pytest.fixture(params=["boto3", "aiohttp"])
+SENDERS = ["aiohttp", "http11"]
+
+
+def sender(kind: str, endpoint: str) -> Sender:
+    """A sender of FILESERVER_S3_TRANSPORT=``kind`` to ``endpoint``."""
+    if kind == "aiohttp":
+        return AiohttpSender(aiohttp.ClientSession(), timeout_s=10)
+    return Http11Sender(http11.Pool(http11.origin_of(endpoint)), timeout_s=10)
+
+
+@pytest.fixture(params=["boto3", *SENDERS])
 async def put_store(request: Any, seaweed: Any, bucket: str) -> Any:
     """An ObjectStore on each S3 transport (FILESERVER_S3_TRANSPORT)."""
     if request.param == "boto3":
         yield store(seaweed, bucket)
         return
-    async with aiohttp.ClientSession() as http:
-        yield store(seaweed, bucket, putter=putter(seaweed, http, bucket))
+    fast = putter(seaweed, request.param, bucket)
+    try:
+        yield store(seaweed, bucket, putter=fast)
+    finally:
+        await fast.sender.aclose()
 
 
-def putter(
-    seaweed: Any, http: aiohttp.ClientSession, bucket: str, secret: str | None = None
-) -> AiohttpPutter:
+def putter(seaweed: Any, kind: str, bucket: str, secret: str | None = None) -> S3Putter:
     session = boto3.session.Session(
         aws_access_key_id=seaweed.access_key,
         aws_secret_access_key=secret or seaweed.secret_key,
     )
-    return AiohttpPutter.for_client(
-        http, client(seaweed), bucket, credentials=session.get_credentials(), timeout_s=10
+    return S3Putter.for_client(
+        sender(kind, seaweed.endpoint_url),
+        client(seaweed),
+        bucket,
+        credentials=session.get_credentials(),
     )
 
 
@@ -118,61 +134,106 @@ async def test_unreachable_endpoint_is_a_dependency_error(seaweed: Any, tmp_path
         await s.check_bucket()
 
 
-async def test_aiohttp_putter_leaves_large_objects_to_boto3(
-    seaweed: Any, bucket: str, tmp_path: Path
+@pytest.mark.parametrize("kind", SENDERS)
+async def test_putter_leaves_large_objects_to_boto3(
+    seaweed: Any, bucket: str, tmp_path: Path, kind: str
 ) -> None:
     data = os.urandom(FAST_PUT_MAX_BYTES + 1)
     path = tmp_path / "big.mp3"
     path.write_bytes(data)
     small = tmp_path / "small.mp3"
     small.write_bytes(b"x")
-    async with aiohttp.ClientSession() as http:
-        fast = putter(seaweed, http, bucket)
-        calls: list[str] = []
-        original = fast.put
+    fast = putter(seaweed, kind, bucket)
+    calls: list[str] = []
+    original = fast.put
 
-        async def spy(key: str, *args: Any) -> None:
-            calls.append(key)
-            await original(key, *args)
+    async def spy(key: str, *args: Any) -> None:
+        calls.append(key)
+        await original(key, *args)
 
-        fast.put = spy  # type: ignore[method-assign]
-        s = store(seaweed, bucket, putter=fast)
+    fast.put = spy  # type: ignore[method-assign]
+    s = store(seaweed, bucket, putter=fast)
+    try:
         await s.put_file("big.mp3", path, _md5(data), {})
         await s.put_file("small.mp3", small, _md5(b"x"), {})
+    finally:
+        await fast.sender.aclose()
     assert calls == ["small.mp3"]
     body = client(seaweed).get_object(Bucket=bucket, Key="big.mp3")["Body"].read()
     assert body == data
 
 
-async def test_aiohttp_putter_reports_bad_credentials_and_missing_bucket(
-    seaweed: Any, bucket: str
+@pytest.mark.parametrize("kind", SENDERS)
+async def test_putter_reports_bad_credentials_and_missing_bucket(
+    seaweed: Any, bucket: str, kind: str
 ) -> None:
-    async with aiohttp.ClientSession() as http:
-        wrong = putter(seaweed, http, bucket, secret="not-the-secret")
+    wrong = putter(seaweed, kind, bucket, secret="not-the-secret")
+    missing = putter(seaweed, kind, "no-such-bucket-here")
+    try:
         with pytest.raises(DependencyUnavailable, match=r"SignatureDoesNotMatch|AccessDenied"):
             await wrong.put("a.mp3", b"abc", _md5(b"abc"), "audio/mpeg", {})
-        missing = putter(seaweed, http, "no-such-bucket-here")
         with pytest.raises(DependencyUnavailable, match="NoSuchBucket"):
             await missing.put("a.mp3", b"abc", _md5(b"abc"), "audio/mpeg", {})
+    finally:
+        await wrong.sender.aclose()
+        await missing.sender.aclose()
     assert client(seaweed).list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
 
-async def test_aiohttp_putter_unreachable_endpoint(seaweed: Any) -> None:
+@pytest.mark.parametrize(
+    ("kind", "error"), [("aiohttp", "ClientConnectorError"), ("http11", "ConnectError")]
+)
+async def test_putter_unreachable_endpoint(kind: str, error: str) -> None:
     from fileserver.devstack.servers import free_port
 
-    async with aiohttp.ClientSession() as http:
-        dead = AiohttpPutter(
-            http,
-            prefix=f"http://127.0.0.1:{free_port()}/b/",
-            bucket="b",
-            credentials=boto3.session.Session(
-                aws_access_key_id="a", aws_secret_access_key="b"
-            ).get_credentials(),
-            region="us-east-1",
-            timeout_s=5,
-        )
-        with pytest.raises(DependencyUnavailable, match=r"s3.*ClientConnectorError"):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    dead = S3Putter(
+        sender(kind, endpoint),
+        prefix=f"{endpoint}/b/",
+        bucket="b",
+        credentials=boto3.session.Session(
+            aws_access_key_id="a", aws_secret_access_key="b"
+        ).get_credentials(),
+        region="us-east-1",
+    )
+    try:
+        with pytest.raises(DependencyUnavailable, match=rf"s3.*{error}"):
             await dead.put("a.mp3", b"abc", _md5(b"abc"), "audio/mpeg", {})
+    finally:
+        await dead.sender.aclose()
+
+
+async def test_http11_putter_keeps_connections_alive(seaweed: Any, bucket: str) -> None:
+    """Many PUTs at a time reuse a bounded set of kept-alive connections."""
+    pool = http11.Pool(http11.origin_of(seaweed.endpoint_url), limit=4)
+    fast = S3Putter.for_client(
+        Http11Sender(pool, timeout_s=10),
+        client(seaweed),
+        bucket,
+        credentials=boto3.session.Session(
+            aws_access_key_id=seaweed.access_key, aws_secret_access_key=seaweed.secret_key
+        ).get_credentials(),
+    )
+    bodies = {f"k/{i}.mp3": os.urandom(1000 + i) for i in range(40)}
+    opened: list[int] = []
+    original = pool._connect
+
+    async def counting() -> Any:
+        conn = await original()
+        opened.append(1)
+        return conn
+
+    pool._connect = counting  # type: ignore[method-assign]
+    try:
+        await asyncio.gather(
+            *(fast.put(k, b, _md5(b), "audio/mpeg", {}) for k, b in bodies.items())
+        )
+        assert 1 <= len(opened) <= 4 and pool.open_connections == len(opened)
+    finally:
+        await pool.aclose()
+    assert pool.open_connections == 0
+    for key, body in bodies.items():
+        assert client(seaweed).get_object(Bucket=bucket, Key=key)["Body"].read() == body
 
 
 def test_object_url_prefix_follows_botocore_addressing(seaweed: Any) -> None:

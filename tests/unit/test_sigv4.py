@@ -10,7 +10,7 @@ from botocore import auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from fileserver.s3_aiohttp import SigV4Signer
+from fileserver.s3_put import SigV4Signer
 
 NOW = datetime(2026, 11, 28, 3, 4, 5, tzinfo=UTC)
 

@@ -1,17 +1,20 @@
-"""Single-request S3 PUTs on aiohttp (``FILESERVER_S3_TRANSPORT=aiohttp``).
+"""Single-request S3 PUTs on the event loop (``FILESERVER_S3_TRANSPORT=aiohttp|http11``).
 
 boto3 spends ~1.2-1.6 ms of CPU per ``put_object``, most of it holding the GIL, which
 caps one worker process at ~600 puts/s; botocore's signer alone is ~0.2 ms. This module
 keeps botocore for credentials (with their refresh) and for resolving the bucket's URL
 once (endpoint, path or virtual-host addressing), signs each PUT with AWS Signature
 Version 4 itself (:class:`SigV4Signer`, checked against botocore's signer in the unit
-tests) and sends it on the event loop with aiohttp. Only single PUTs of small objects go
-this way; multipart uploads, HEAD and the bucket check stay on boto3
-(:class:`fileserver.storage.ObjectStore`).
+tests) and hands it to a sender: :class:`AiohttpSender` (aiohttp) or
+:class:`Http11Sender` (fileserver's own HTTP/1.1 client, :mod:`fileserver.http11`, about
+half the client CPU per PUT). Only single PUTs of small objects go this way; multipart
+uploads, HEAD and the bucket check stay on boto3 (:class:`fileserver.storage.ObjectStore`).
 
 The request carries the same integrity check as the boto3 path: ``Content-MD5``, which
-the store verifies (``BadDigest`` on a mismatch). Errors are translated here into
-:class:`~fileserver.errors.DependencyUnavailable`, like :func:`fileserver.storage.s3_errors`.
+the store verifies (``BadDigest`` on a mismatch). Each sender translates its client's
+errors into :class:`~fileserver.errors.DependencyUnavailable`, like
+:func:`fileserver.storage.s3_errors`; :class:`S3Putter` turns error responses into the
+same.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import hashlib
 import hmac
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
+from fileserver import http11
 from fileserver.errors import DependencyUnavailable
 from fileserver.storage import content_md5, s3_unavailable
 
@@ -117,47 +121,95 @@ def object_url_prefix(client: Any, bucket: str) -> str:
     return urlunsplit((scheme, netloc, path[: -len(_PROBE_KEY)], "", ""))
 
 
-class AiohttpPutter:
-    """PUTs small objects into one bucket with SigV4-signed aiohttp requests."""
+class Sender(Protocol):
+    """Sends one PUT; raises :class:`DependencyUnavailable` when no response comes."""
+
+    async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """The response's status and body."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        ...
+
+
+class AiohttpSender:
+    """PUTs on an :class:`aiohttp.ClientSession` (closed with the sender)."""
+
+    def __init__(self, session: aiohttp.ClientSession, *, timeout_s: float) -> None:
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """The response's status and body."""
+        try:
+            async with self._session.put(
+                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+            ) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
+
+    async def aclose(self) -> None:
+        """Close the session."""
+        await self._session.close()
+
+
+class Http11Sender:
+    """PUTs on a :class:`fileserver.http11.Pool` to the bucket's origin."""
+
+    def __init__(self, pool: http11.Pool, *, timeout_s: float) -> None:
+        self._pool = pool
+        self._timeout_s = timeout_s
+
+    async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """The response's status and body."""
+        origin = self._pool.origin
+        if not url.startswith(origin + "/"):
+            raise ValueError(f"{url!r} is not on this sender's origin {origin}")
+        try:
+            response = await self._pool.request(
+                "PUT", url[len(origin) :], headers, body, timeout_s=self._timeout_s
+            )
+        except http11.HTTPError as exc:
+            raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
+        return response.status, response.body
+
+    async def aclose(self) -> None:
+        """Close the pool's connections."""
+        await self._pool.aclose()
+
+
+class S3Putter:
+    """PUTs small objects into one bucket with SigV4-signed requests through a sender."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        sender: Sender,
         *,
         prefix: str,
         bucket: str,
         credentials: Any,
         region: str,
-        timeout_s: float,
     ) -> None:
         """``prefix`` from :func:`object_url_prefix`; ``credentials`` a botocore
         credentials object (refreshable ones are refreshed by botocore as needed)."""
-        self._session = session
+        self.sender = sender
         self._prefix = prefix
         self._bucket = bucket
         self._credentials = credentials
         self._signer = SigV4Signer(region)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     @classmethod
-    def for_client(
-        cls,
-        session: aiohttp.ClientSession,
-        client: Any,
-        bucket: str,
-        *,
-        credentials: Any,
-        timeout_s: float,
-    ) -> AiohttpPutter:
+    def for_client(cls, sender: Sender, client: Any, bucket: str, *, credentials: Any) -> S3Putter:
         """A putter with ``client``'s endpoint and region (a boto3 S3 client) and the
         credentials of the boto3 session that built it."""
         return cls(
-            session,
+            sender,
             prefix=object_url_prefix(client, bucket),
             bucket=bucket,
             credentials=credentials,
             region=client.meta.region_name or "us-east-1",
-            timeout_s=timeout_s,
         )
 
     def signed_headers(
@@ -191,17 +243,10 @@ class AiohttpPutter:
         """PUT ``body`` under ``key``; raises :class:`DependencyUnavailable` on any failure."""
         url = self._prefix + quote(key, safe="/~")
         headers = self.signed_headers(url, body, md5_hex, content_type, metadata)
-        try:
-            async with self._session.put(
-                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
-            ) as resp:
-                if resp.status == 200:
-                    await resp.read()
-                    return
-                text = (await resp.text(errors="replace"))[:2000]
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
-        fields = dict(_XML_FIELD.findall(text))
+        status, reply = await self.sender.put(url, headers, body)
+        if status == 200:
+            return
+        fields = dict(_XML_FIELD.findall(reply[:2000].decode("utf-8", "replace")))
         raise s3_unavailable(
-            fields.get("Code", f"HTTP {resp.status}"), fields.get("Message", ""), self._bucket
+            fields.get("Code", f"HTTP {status}"), fields.get("Message", ""), self._bucket
         )
