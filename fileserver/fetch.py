@@ -9,9 +9,10 @@ name), so a DNS answer cannot change between check and connect. A recording of u
 fetcher's :class:`MemoryBudget` (all downloads in flight together) has room; a larger one,
 or one that finds the budget spent, is spooled to a temporary file. Enforces the size cap on
 ``Content-Length`` and on the bytes actually read, bounds the whole download (lookups
-included) by a total timeout, and always removes the temporary file. The request itself
-goes out on a wire (:mod:`fileserver.wires`: httpx by default, or aiohttp), whose errors
-are translated here into the fileserver error tree.
+included) by a total timeout, and always removes the temporary file. ``/metrics`` reads
+the budget in use when scraped and counts the downloads a spent budget sends to a file.
+The request itself goes out on a wire (:mod:`fileserver.wires`: httpx by default, or
+aiohttp), whose errors are translated here into the fileserver error tree.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -35,6 +36,7 @@ from urllib.parse import urljoin
 import httpx
 
 from fileserver.errors import ConfigError, PermanentError, Reason, SourceUnavailable
+from fileserver.metrics import Metrics, get_metrics
 from fileserver.resolve import Resolver, system_resolver
 from fileserver.sources import (
     DEFAULT_PORTS,
@@ -99,26 +101,47 @@ class MemoryBudget:
         self.held -= n
 
 
+def _not_counted() -> None:
+    return None
+
+
 class _Spool:
     """A download's sink: bytes in memory up to ``limit`` while ``budget`` has room,
-    else a temporary file."""
+    else a temporary file. ``on_budget_spill`` is called when the budget, not the
+    limit, sends it to the file (as far as it can tell: see :meth:`expect`)."""
 
-    def __init__(self, limit: int, tmp_dir: str | None, budget: MemoryBudget) -> None:
+    def __init__(
+        self,
+        limit: int,
+        tmp_dir: str | None,
+        budget: MemoryBudget,
+        on_budget_spill: Callable[[], None],
+    ) -> None:
         self._limit = limit
         self._tmp_dir = tmp_dir
         self._budget = budget
+        self._on_budget_spill = on_budget_spill
         self._reserved = 0  # bytes of ``budget`` this download holds
         self.buffer: bytearray | None = bytearray()
         self.path: Path | None = None
         self._file: BinaryIO | None = None
 
+    def expect(self, length: int | None) -> None:
+        """The body's ``Content-Length``: above ``limit`` it goes to the file whatever the
+        budget, so a budget refusing its first bytes is not a budget spill. Without one, a
+        body that meets a spent budget before it passes ``limit`` counts as one."""
+        if length is not None and length > self._limit:
+            self._on_budget_spill = _not_counted
+
     def write(self, chunk: bytes) -> None:
         if self.buffer is not None:
             n = len(chunk)
-            if len(self.buffer) + n <= self._limit and self._budget.reserve(n):
-                self._reserved += n
-                self.buffer += chunk
-                return
+            if len(self.buffer) + n <= self._limit:
+                if self._budget.reserve(n):
+                    self._reserved += n
+                    self.buffer += chunk
+                    return
+                self._on_budget_spill()  # once: the buffer is gone after the spill
             self._spill()
         assert self._file is not None
         self._file.write(chunk)
@@ -243,6 +266,8 @@ class Fetcher:
 
     ``resolver`` (default :func:`~fileserver.resolve.system_resolver`) is called once per
     hop whose host is a name; tests inject one mapping made-up names to addresses.
+    ``metrics`` (default :func:`~fileserver.metrics.get_metrics`) reads :attr:`memory`
+    when scraped and counts the downloads sent to a file because it was spent.
     """
 
     def __init__(
@@ -257,10 +282,13 @@ class Fetcher:
         max_redirects: int = MAX_REDIRECTS,
         in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
         memory_budget_bytes: int = MEMORY_BUDGET_BYTES,
+        metrics: Metrics | None = None,
     ) -> None:
         self._wire: Wire = HttpxWire(client) if isinstance(client, httpx.AsyncClient) else client
         self._in_memory_max = in_memory_max_bytes
         self.memory = MemoryBudget(memory_budget_bytes)
+        self._metrics = metrics or get_metrics()
+        self._metrics.watch_memory(self.memory)
         self._policy = policy
         self._max_bytes = max_bytes
         self._total_timeout_s = total_timeout_s
@@ -272,7 +300,9 @@ class Fetcher:
     async def download(self, url: str) -> AsyncIterator[Download]:
         """Download ``url``; a temporary file, if one was needed, is removed when the
         block exits."""
-        spool = _Spool(self._in_memory_max, self._tmp_dir, self.memory)
+        spool = _Spool(
+            self._in_memory_max, self._tmp_dir, self.memory, self._metrics.budget_spilled
+        )
         try:
             try:
                 async with asyncio.timeout(self._total_timeout_s):
@@ -382,6 +412,7 @@ class Fetcher:
                 Reason.TOO_LARGE,
                 f"Content-Length {length} exceeds FILESERVER_MAX_FILE_BYTES={self._max_bytes}",
             )
+        sink.expect(length)
         digest = hashlib.md5(usedforsecurity=False)
         size = 0
         write = sink.write

@@ -4,13 +4,14 @@
 is registered in prometheus_client's global registry). The pipeline, the processor and
 the worker record into the process-wide instance returned by :func:`get_metrics`;
 tests build their own. :mod:`fileserver.web` serves :meth:`Metrics.render` on
-``/metrics``. Gauges that describe live state (in-flight events, consumer lag) are
-computed when scraped, from callbacks the worker installs.
+``/metrics``. Gauges that describe live state (in-flight events, consumer lag, download
+memory) are computed when scraped, from callbacks the worker installs.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from fileserver.errors import Reason
 from fileserver.events import SKIPPED_TYPES
 
 if TYPE_CHECKING:
+    from fileserver.fetch import MemoryBudget
     from fileserver.pipeline import Result
 
 PREFIX = "fileserver"
@@ -172,7 +174,20 @@ class Metrics:
             "Times intake was paused for a systemic outage.",
             registry=r,
         )
+        self.download_memory = Gauge(
+            f"{PREFIX}_download_memory_bytes",
+            "Bytes of recordings held in memory by downloads in flight.",
+            registry=r,
+        )
+        self.download_spills = Counter(
+            f"{PREFIX}_download_spills_total",
+            "Downloads spooled to a file because the download memory budget was spent.",
+            registry=r,
+        )
         self._is_paused = False
+        # Read when scraped: nothing is recorded per chunk; a fetcher's budget leaves with it.
+        self._budgets: weakref.WeakSet[MemoryBudget] = weakref.WeakSet()
+        self.download_memory.set_function(self._memory_held)
         self._lag = _LagCollector()
         r.register(self._lag)
         if process:
@@ -234,6 +249,11 @@ class Metrics:
         """Count one scheduled retry (``dependency`` as in ``DependencyUnavailable``)."""
         self.retries.labels(dependency_label(dependency)).inc()
 
+    def budget_spilled(self) -> None:
+        """One download went to a file because the memory budget was spent (not because
+        it outgrew the in-memory limit)."""
+        self.download_spills.inc()
+
     def set_paused(self, paused: bool) -> None:
         """Intake paused (``True``) or resumed; counts the transitions to paused."""
         if paused and not self._is_paused:
@@ -251,6 +271,14 @@ class Metrics:
     def unwatch_window(self) -> None:
         self.in_flight.set_function(lambda: 0.0)
         self.pending.set_function(lambda: 0.0)
+
+    def watch_memory(self, budget: MemoryBudget) -> None:
+        """Add ``budget``'s bytes held to ``fileserver_download_memory_bytes`` on each
+        scrape, for as long as the budget lives (it is held weakly)."""
+        self._budgets.add(budget)
+
+    def _memory_held(self) -> float:
+        return float(sum(budget.held for budget in self._budgets))
 
     def watch_lag(self, source: LagSource | None) -> None:
         """Compute ``fileserver_consumer_lag`` from ``source`` on each scrape (``None``: none)."""

@@ -14,6 +14,7 @@ import pytest
 from fileserver.devstack.samples import SampleServer
 from fileserver.errors import PermanentError, Reason, SourceUnavailable
 from fileserver.fetch import Fetcher
+from fileserver.metrics import Metrics
 from fileserver.runtime import make_http_client
 from fileserver.settings import Settings
 from fileserver.sources import SourcePolicy
@@ -31,6 +32,7 @@ def fetcher(
     max_bytes: int = 1_000_000,
     in_memory_max_bytes: int = 64 * 1024,
     memory_budget_bytes: int = 1024 * 1024,
+    metrics: Metrics | None = None,
 ) -> Fetcher:
     return Fetcher(
         http,
@@ -40,7 +42,16 @@ def fetcher(
         tmp_dir=str(tmp_path),
         in_memory_max_bytes=in_memory_max_bytes,
         memory_budget_bytes=memory_budget_bytes,
+        metrics=metrics,
     )
+
+
+def memory_gauge(m: Metrics) -> float | None:
+    return m.registry.get_sample_value("fileserver_download_memory_bytes")
+
+
+def budget_spills(m: Metrics) -> float | None:
+    return m.registry.get_sample_value("fileserver_download_spills_total")
 
 
 def _status(code: int, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -129,6 +140,47 @@ async def test_downloads_in_flight_together_stay_within_the_memory_budget(
     async with f.download(sample_server.url("/2.mp3")) as again:  # room again
         assert again.data == second and again.path is None
     assert f.memory.held == 0 and list(tmp_path.iterdir()) == []
+
+
+async def test_the_memory_gauge_follows_the_budget_and_budget_spills_are_counted(
+    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+) -> None:
+    """The gauge reads the bytes held by downloads open right now; only a download the
+    spent budget sends to a file is counted, not one larger than the in-memory limit."""
+    first, second = b"a" * 40_000, b"b" * 40_000
+    sample_server.files["/1.mp3"], sample_server.files["/2.mp3"] = first, second
+    sample_server.files["/big.mp3"] = b"c" * 200_000  # above the 64 KiB in-memory limit
+    m = Metrics(process=False)
+    f = fetcher(http, tmp_path, memory_budget_bytes=50_000, metrics=m)
+    assert (memory_gauge(m), budget_spills(m)) == (0, 0)
+    async with f.download(sample_server.url("/1.mp3")) as one:
+        assert one.path is None
+        assert memory_gauge(m) == len(first)
+        async with f.download(sample_server.url("/2.mp3")) as two:
+            assert two.path is not None  # the budget is spent
+            assert (memory_gauge(m), budget_spills(m)) == (len(first), 1)
+        async with f.download(sample_server.url("/big.mp3")) as big:
+            assert big.path is not None  # too large for memory, budget or not
+        assert (memory_gauge(m), budget_spills(m)) == (len(first), 1)
+    assert (memory_gauge(m), budget_spills(m)) == (0, 1)
+    async with f.download(sample_server.url("/2.mp3")) as again:  # room again
+        assert again.path is None and memory_gauge(m) == len(second)
+    async with f.download(sample_server.url("/big.mp3")) as big:  # alone: still the limit
+        assert big.path is not None
+    assert (memory_gauge(m), budget_spills(m)) == (0, 1)
+    assert b"fileserver_download_memory_bytes 0.0" in m.render()[0]
+
+
+async def test_the_memory_gauge_is_back_to_zero_after_a_failed_download(
+    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+) -> None:
+    sample_server.hooks.append(_chunked(30))  # no Content-Length: read, then refused
+    m = Metrics(process=False)
+    f = fetcher(http, tmp_path, max_bytes=20_000, metrics=m)
+    with pytest.raises(PermanentError):
+        async with f.download(sample_server.url("/c.mp3")):
+            pass
+    assert (memory_gauge(m), budget_spills(m)) == (0, 0)
 
 
 async def test_a_download_failing_midway_gives_back_its_memory_budget(

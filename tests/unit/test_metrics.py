@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import socket
@@ -22,6 +23,7 @@ from fileserver.errors import (
     SourceUnavailable,
 )
 from fileserver.events import TalkEvent, parse_event
+from fileserver.fetch import MemoryBudget
 from fileserver.logs import JsonFormatter
 from fileserver.metrics import Metrics, dependency_label
 from fileserver.pipeline import Outcome, Result
@@ -124,7 +126,7 @@ def exported_names(metrics: Metrics) -> dict[str, str]:
 
 def test_every_metric_is_declared_once_with_a_one_line_meaning() -> None:
     names = exported_names(Metrics(process=False))
-    assert len(names) == 14
+    assert len(names) == 16
     for name, meaning in names.items():
         assert meaning and "\n" not in meaning and meaning.endswith("."), name
         assert len(meaning) <= 100, name
@@ -235,6 +237,25 @@ def test_live_gauges_are_read_when_scraped() -> None:
     assert b"fileserver_events_total" in m.render()[0]  # the scrape still works
     m.unwatch_window()
     assert sample(m, "fileserver_in_flight_events") == 0
+
+
+def test_download_memory_is_read_from_live_budgets_when_scraped() -> None:
+    m = Metrics(process=False)
+    assert sample(m, "fileserver_download_memory_bytes") == 0
+    one, two = MemoryBudget(100), MemoryBudget(100)
+    m.watch_memory(one)
+    m.watch_memory(two)
+    assert one.reserve(60) and two.reserve(30) and not one.reserve(41)
+    assert sample(m, "fileserver_download_memory_bytes") == 90
+    one.release(60)
+    assert sample(m, "fileserver_download_memory_bytes") == 30
+    del two  # a fetcher gone: its budget is no longer watched
+    gc.collect()
+    assert sample(m, "fileserver_download_memory_bytes") == 0
+    assert one.reserve(5) and sample(m, "fileserver_download_memory_bytes") == 5
+    assert sample(m, "fileserver_download_spills_total") == 0
+    m.budget_spilled()
+    assert sample(m, "fileserver_download_spills_total") == 1
 
 
 def test_faust_lag_is_end_minus_committed_per_assigned_partition() -> None:
