@@ -18,7 +18,7 @@ ENV PYTHONUNBUFFERED=1 \
     FILESERVER_METRICS_HOST=0.0.0.0 \
     FILESERVER_METRICS_PORT=9108 \
     FILESERVER_HTTP_TRANSPORT=aiohttp \
-    FILESERVER_S3_TRANSPORT=aiohttp
+    FILESERVER_S3_TRANSPORT=http11
 RUN useradd --create-home --uid 10001 --user-group fileserver
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels fileserver && rm -rf /wheels

@@ -29,7 +29,7 @@ test: lint
 	$(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15
 
 bench: setup
-	$(BIN)/python -m bench --preset aiohttp
+	$(BIN)/python -m bench --preset deployment
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -440,7 +440,12 @@ class Pool:
         return response
 
     def _encode(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> bytes:
-        if not _TOKEN.fullmatch(method) or not target.startswith("/") or " " in target:
+        if (
+            not _TOKEN.fullmatch(method)
+            or not target.startswith("/")
+            or " " in target
+            or _BAD_VALUE.search(target)
+        ):
             raise ValueError(f"invalid request line: {method!r} {target!r}")
         lines = [
             f"{method} {target} HTTP/1.1",

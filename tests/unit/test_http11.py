@@ -181,6 +181,7 @@ def test_request_encoding() -> None:
         ("PUT", "/k x HTTP/1.0\r\nA:", {}),
         ("P UT", "/k", {}),
         ("PUT", "http://other/k", {}),
+        ("PUT", "/k\r\nInjected: yes", {}),
     ],
 )
 def test_requests_that_could_smuggle_are_refused(
