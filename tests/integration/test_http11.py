@@ -374,3 +374,57 @@ async def test_https_refuses_an_untrusted_or_misnamed_certificate(
         assert srv.requests == []
         await untrusted.aclose()
         await misnamed.aclose()
+
+
+# --- the S3 putter over TLS, as the worker builds it -------------------------------------
+
+
+async def s3_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server) -> None:
+    """Answers every PUT like S3 does (200, an ETag, no body)."""
+    while (request := await srv.read_request(reader)) is not None:
+        etag = hashlib.md5(request[3]).hexdigest()
+        writer.write(reply(b"", extra=f'ETag: "{etag}"\r\n'))
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "http11"])
+@pytest.mark.parametrize("verify", ["ca", "system", "off"])
+async def test_s3_putter_follows_fileserver_s3_verify(
+    server_tls: ssl.SSLContext,
+    gw_test_is_loopback: None,
+    tmp_path: Path,
+    transport: str,
+    verify: str,
+) -> None:
+    import boto3
+
+    from fileserver.errors import DependencyUnavailable
+    from fileserver.runtime import make_s3_client, make_s3_putter
+    from fileserver.settings import Settings
+
+    (tmp_path / "ca.pem").write_text(CA_PEM)
+    async with running(s3_ok, tls=server_tls) as srv:
+        settings = Settings(
+            s3_endpoint_url=f"https://gw.test:{srv.port}",  # type: ignore[attr-defined]
+            s3_region="us-east-1",
+            s3_bucket="rec",
+            s3_transport=transport,
+            s3_verify={"ca": str(tmp_path / "ca.pem"), "system": True, "off": False}[verify],
+        )
+        session = boto3.session.Session(aws_access_key_id="AK", aws_secret_access_key="SK")
+        putter = make_s3_putter(settings, make_s3_client(settings, session), session)
+        body = b"ID3 not really audio"
+        md5 = hashlib.md5(body).hexdigest()
+        try:
+            if verify == "system":  # the test CA is not among the system's
+                with pytest.raises(DependencyUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                    await putter.put("1/2/x.mp3", body, md5, "audio/mpeg", {"uid": "2"})
+                assert srv.requests == []
+                return
+            await putter.put("1/2/x.mp3", body, md5, "audio/mpeg", {"uid": "2"})
+        finally:
+            await putter.sender.aclose()
+        method, target, headers, got = srv.requests[0]
+        assert (method, target, got) == ("PUT", "/rec/1/2/x.mp3", body)
+        assert headers["host"] == f"gw.test:{srv.port}"  # type: ignore[attr-defined]
+        assert headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AK/")
+        assert headers["x-amz-meta-uid"] == "2" and headers["content-type"] == "audio/mpeg"
