@@ -50,6 +50,7 @@ from fileserver.wires import HttpxWire, Wire, WireError, WireResponse
 MAX_REDIRECTS = 5
 IN_MEMORY_MAX_BYTES = 1024 * 1024
 MEMORY_BUDGET_BYTES = 64 * 1024 * 1024
+PER_SOURCE_LIMIT = 64
 _RETRYABLE_STATUS = {408, 425, 429}
 _REDIRECT_STATUS = {301, 302, 303, 307, 308}
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,30}")
@@ -77,6 +78,78 @@ class Download:
         """The whole recording (reads the file when it is on disk)."""
         content = self.content
         return content if isinstance(content, bytes) else content.read_bytes()
+
+
+class _Slot:
+    __slots__ = ("holding", "semaphore", "users")
+
+    def __init__(self, limit: int) -> None:
+        self.semaphore = asyncio.Semaphore(limit)
+        self.users = 0  # holding or waiting
+        self.holding = 0
+
+
+class SourceSlots:
+    """At most ``limit`` downloads at a time from one source (host and port), so a
+    gateway never sees all ``FILESERVER_CONCURRENCY`` connections of a worker (no I/O).
+
+    ``async with slots.hold(key):`` waits for a free slot of ``key``; a key's entry is
+    dropped when nobody holds or waits for it, so the map stays as small as the set of
+    sources in use.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a source needs at least one slot")
+        self.limit = limit
+        self._slots: dict[tuple[str, int], _Slot] = {}
+
+    def hold(self, key: tuple[str, int]) -> _Held:
+        """A context manager holding one slot of ``key`` while its block runs."""
+        return _Held(self, key)
+
+    def in_use(self, key: tuple[str, int]) -> int:
+        """Downloads from ``key`` holding a slot now."""
+        slot = self._slots.get(key)
+        return 0 if slot is None else slot.holding
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
+class _Held:
+    __slots__ = ("_key", "_owner", "_slot")
+
+    def __init__(self, owner: SourceSlots, key: tuple[str, int]) -> None:
+        self._owner = owner
+        self._key = key
+        self._slot: _Slot | None = None
+
+    async def __aenter__(self) -> None:
+        slots = self._owner._slots
+        slot = slots.get(self._key)
+        if slot is None:
+            slot = slots[self._key] = _Slot(self._owner.limit)
+        slot.users += 1
+        self._slot = slot
+        try:
+            await slot.semaphore.acquire()
+        except BaseException:  # cancelled while waiting: give the place back
+            self._leave()
+            raise
+        slot.holding += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._slot is not None
+        self._slot.holding -= 1
+        self._slot.semaphore.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        assert self._slot is not None
+        self._slot.users -= 1
+        if self._slot.users == 0:
+            del self._owner._slots[self._key]
 
 
 class MemoryBudget:
@@ -268,6 +341,8 @@ class Fetcher:
     hop whose host is a name; tests inject one mapping made-up names to addresses.
     ``metrics`` (default :func:`~fileserver.metrics.get_metrics`) reads :attr:`memory`
     when scraped and counts the downloads sent to a file because it was spent.
+    ``per_source_limit``: downloads at a time from one host and port (:attr:`sources`);
+    a download waits for a slot of each hop's source within its total timeout.
     """
 
     def __init__(
@@ -282,11 +357,13 @@ class Fetcher:
         max_redirects: int = MAX_REDIRECTS,
         in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
         memory_budget_bytes: int = MEMORY_BUDGET_BYTES,
+        per_source_limit: int = PER_SOURCE_LIMIT,
         metrics: Metrics | None = None,
     ) -> None:
         self._wire: Wire = HttpxWire(client) if isinstance(client, httpx.AsyncClient) else client
         self._in_memory_max = in_memory_max_bytes
         self.memory = MemoryBudget(memory_budget_bytes)
+        self.sources = SourceSlots(per_source_limit)
         self._metrics = metrics or get_metrics()
         self._metrics.watch_memory(self.memory)
         self._policy = policy
@@ -323,20 +400,22 @@ class Fetcher:
         for _hop in range(self._max_redirects + 1):
             hop = await self._check_hop(current)
             try:
-                resp = await self._send(hop)
-                try:
-                    if resp.status in _REDIRECT_STATUS:
-                        location = resp.header("location")
-                        if not location:
-                            raise SourceUnavailable(
-                                f"HTTP {resp.status} without Location: {display_url(current)}"
-                            )
-                        current = urljoin(current, location)
-                        continue
-                    self._check_status(resp, current)
-                    return await self._stream_body(resp, sink, current)
-                finally:
-                    await resp.aclose()  # a redirect's or error's body is never read
+                # the source's slot is held until its response is closed
+                async with self.sources.hold((hop.source.host, hop.source.port)):
+                    resp = await self._send(hop)
+                    try:
+                        if resp.status in _REDIRECT_STATUS:
+                            location = resp.header("location")
+                            if not location:
+                                raise SourceUnavailable(
+                                    f"HTTP {resp.status} without Location: {display_url(current)}"
+                                )
+                            current = urljoin(current, location)
+                            continue
+                        self._check_status(resp, current)
+                        return await self._stream_body(resp, sink, current)
+                    finally:
+                        await resp.aclose()  # a redirect's or error's body is never read
             except WireError as exc:
                 if exc.timeout:
                     raise SourceUnavailable(

@@ -296,6 +296,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             # kept in memory only what a single PUT may carry
             in_memory_max_bytes=min(IN_MEMORY_MAX_BYTES, settings.multipart_threshold_bytes),
             memory_budget_bytes=settings.download_memory_bytes,
+            per_source_limit=settings.max_downloads_per_source,
         )
         ingestor = Ingestor(fetcher, store, repo, max_duration_s=settings.max_duration_s)
         health = Health()

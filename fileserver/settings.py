@@ -150,6 +150,7 @@ class Settings:
     concurrency: int = 192
     max_pending: int = 4096
     download_memory_bytes: int = 64 * 1024 * 1024
+    max_downloads_per_source: int = 64
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     fetch_timeout_s: float = 120.0
@@ -211,6 +212,9 @@ class Settings:
             concurrency=_int(e, "CONCURRENCY", d.concurrency, 1),
             max_pending=_int(e, "MAX_PENDING", d.max_pending, 1),
             download_memory_bytes=_int(e, "DOWNLOAD_MEMORY_BYTES", d.download_memory_bytes, 0),
+            max_downloads_per_source=_int(
+                e, "MAX_DOWNLOADS_PER_SOURCE", d.max_downloads_per_source, 1
+            ),
             connect_timeout_s=_float(e, "CONNECT_TIMEOUT_S", d.connect_timeout_s, 0.1),
             read_timeout_s=_float(e, "READ_TIMEOUT_S", d.read_timeout_s, 0.1),
             fetch_timeout_s=_float(e, "FETCH_TIMEOUT_S", d.fetch_timeout_s, 0.1),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 import time
 from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler
@@ -15,7 +17,7 @@ from fileserver.devstack.samples import SampleServer
 from fileserver.errors import PermanentError, Reason, SourceUnavailable
 from fileserver.fetch import Fetcher
 from fileserver.metrics import Metrics
-from fileserver.runtime import make_http_client
+from fileserver.runtime import make_http_client, make_source_wire
 from fileserver.settings import Settings
 from fileserver.sources import SourcePolicy
 
@@ -290,3 +292,47 @@ async def test_connection_refused_is_retryable(http: httpx.AsyncClient, tmp_path
     with pytest.raises(SourceUnavailable):
         async with fetcher(http, tmp_path).download(f"http://127.0.0.1:{free_port()}/a.mp3"):
             pass
+
+
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_downloads_from_one_source_stay_within_its_limit(
+    tmp_path: Path, sample_server: SampleServer, transport: str
+) -> None:
+    """FILESERVER_MAX_DOWNLOADS_PER_SOURCE: 8 downloads at once from one gateway with a
+    limit of 3: the gateway never serves more than 3 at a time, and all 8 complete."""
+    lock = threading.Lock()
+    now, peak = [0], [0]
+
+    def slow(req: BaseHTTPRequestHandler) -> bool:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.5)
+        with lock:
+            now[0] -= 1
+        return False  # then served as usual
+
+    sample_server.hooks.append(slow)
+    for i in range(8):
+        sample_server.files[f"/{i}.mp3"] = bytes([i]) * 1000
+    wire = make_source_wire(Settings(http_transport=transport, concurrency=16))
+    f = Fetcher(
+        wire,
+        SourcePolicy(["127.0.0.1"]),
+        max_bytes=10**6,
+        total_timeout_s=20,
+        tmp_dir=str(tmp_path),
+        per_source_limit=3,
+    )
+
+    async def one(i: int) -> None:
+        async with f.download(sample_server.url(f"/{i}.mp3")) as d:
+            assert d.data == bytes([i]) * 1000
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(8)))
+    finally:
+        await wire.aclose()
+    assert peak[0] == 3
+    assert sum(sample_server.hits.values()) == 8
+    assert len(f.sources) == 0
