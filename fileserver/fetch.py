@@ -174,10 +174,6 @@ class MemoryBudget:
         self.held -= n
 
 
-def _not_counted() -> None:
-    return None
-
-
 class _Spool:
     """A download's sink: bytes in memory up to ``limit`` while ``budget`` has room,
     else a temporary file. ``on_budget_spill`` is called when the budget, not the
@@ -194,6 +190,7 @@ class _Spool:
         self._tmp_dir = tmp_dir
         self._budget = budget
         self._on_budget_spill = on_budget_spill
+        self._count_budget_spill = True
         self._reserved = 0  # bytes of ``budget`` this download holds
         self.buffer: bytearray | None = bytearray()
         self.path: Path | None = None
@@ -204,7 +201,7 @@ class _Spool:
         budget, so a budget refusing its first bytes is not a budget spill. Without one, a
         body that meets a spent budget before it passes ``limit`` counts as one."""
         if length is not None and length > self._limit:
-            self._on_budget_spill = _not_counted
+            self._count_budget_spill = False
 
     def write(self, chunk: bytes) -> None:
         if self.buffer is not None:
@@ -214,7 +211,8 @@ class _Spool:
                     self._reserved += n
                     self.buffer += chunk
                     return
-                self._on_budget_spill()  # once: the buffer is gone after the spill
+                if self._count_budget_spill:
+                    self._on_budget_spill()  # once: the buffer is gone after the spill
             self._spill()
         assert self._file is not None
         self._file.write(chunk)

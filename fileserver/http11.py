@@ -120,9 +120,7 @@ class ResponseParser:
     def feed(self, data: bytes) -> Response | None:
         """Add bytes from the connection; the response once it is complete."""
         if self._state == _DONE:
-            if data:
-                self._keep_alive = False  # bytes after the response: not reusable
-            return None
+            return None  # the connection, not the parser, refuses bytes after the response
         if data:
             self.received_any = True
             self._buf += data

@@ -87,11 +87,10 @@ def make_s3_putter(settings: Settings, client: Any, session: boto3.session.Sessi
         ssl_context.check_hostname = False
         ssl_context.verify_mode = ssl.CERT_NONE
     timeout_s = settings.connect_timeout_s + settings.read_timeout_s
-    prefix = object_url_prefix(client, settings.s3_bucket)
     sender: Sender
     if settings.s3_transport == "http11":
         pool = http11.Pool(
-            http11.origin_of(prefix),
+            http11.origin_of(object_url_prefix(client, settings.s3_bucket)),
             limit=settings.concurrency,
             connect_timeout_s=settings.connect_timeout_s,
             ssl_context=ssl_context,
@@ -109,12 +108,8 @@ def make_s3_putter(settings: Settings, client: Any, session: boto3.session.Sessi
             auto_decompress=False,
         )
         sender = AiohttpSender(http, timeout_s=timeout_s)
-    return S3Putter(
-        sender,
-        prefix=prefix,
-        bucket=settings.s3_bucket,
-        credentials=session.get_credentials(),
-        region=client.meta.region_name or "us-east-1",
+    return S3Putter.for_client(
+        sender, client, settings.s3_bucket, credentials=session.get_credentials()
     )
 
 
