@@ -172,6 +172,8 @@ class Settings:
     kafka_fetch_min_bytes: int = 64 * 1024
     kafka_fetch_max_wait_ms: int = 20
     rebalance_timeout_s: float = 60.0
+    db_statement_timeout_s: float = 30.0
+    internal_error_attempts: int = 5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -242,6 +244,12 @@ class Settings:
                 e, "KAFKA_FETCH_MAX_WAIT_MS", d.kafka_fetch_max_wait_ms, 0
             ),
             rebalance_timeout_s=_float(e, "REBALANCE_TIMEOUT_S", d.rebalance_timeout_s, 1.0),
+            db_statement_timeout_s=_float(
+                e, "DB_STATEMENT_TIMEOUT_S", d.db_statement_timeout_s, 0.1
+            ),
+            internal_error_attempts=_int(
+                e, "INTERNAL_ERROR_ATTEMPTS", d.internal_error_attempts, 1
+            ),
         )
         settings.validate()
         return settings
