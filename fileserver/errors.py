@@ -14,6 +14,9 @@ happens next::
     │                               -> retried without limit, never dead-lettered; the
     │                                  worker stops taking new events meanwhile
     └── PermanentError(reason)      this event can never succeed -> dead letter with reason
+
+Any other exception is a bug: the processor retries it FILESERVER_INTERNAL_ERROR_ATTEMPTS
+times, then dead-letters the event as ``internal_error`` with a traceback summary.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ class Reason(StrEnum):
     MD5_MISMATCH = "md5_mismatch"
     INVALID_AUDIO = "invalid_audio"
     DURATION_OUT_OF_RANGE = "duration_out_of_range"
+    INTERNAL_ERROR = "internal_error"
+
+
+#: Reasons decided by the record's bytes alone (or by a bug on them): retrying the same
+#: record can never change them, so the dead-letter breaker neither counts nor holds them.
+PAYLOAD_REASONS = frozenset({Reason.MALFORMED_JSON, Reason.INVALID_EVENT, Reason.INTERNAL_ERROR})
 
 
 class FileserverError(Exception):
@@ -69,5 +78,15 @@ class PermanentError(FileserverError):
 
     def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class BreakerOpen(FileserverError):
+    """The dead-letter breaker is open and the caller asked not to hold events
+    (``fileserver backfill`` stops instead of waiting; the worker holds)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
         self.reason = reason
         self.detail = detail

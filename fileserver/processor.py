@@ -1,7 +1,8 @@
 """Retries and dead letters, in one place (the role of a dramatiq middleware).
 
 :meth:`Processor.process` drives :meth:`Ingestor.ingest` for one record and never
-raises (except on cancellation). What happens to each kind of error:
+raises (except on cancellation, and :class:`BreakerOpen` when asked not to hold).
+What happens to each kind of error:
 
 =========================  ==========================================================
 ``PermanentError``         dead letter (topic record + ``ingest_failures`` row), done
@@ -10,20 +11,31 @@ raises (except on cancellation). What happens to each kind of error:
 ``DependencyUnavailable``  retried with backoff for as long as it takes; the
                            :class:`Health` turns *degraded* so the worker stops taking
                            new events; never dead-lettered
-any other exception        a bug: logged with its traceback and retried like a
-                           dependency outage, so no event is ever dropped
+any other exception        a bug: logged with its traceback, retried
+                           ``FILESERVER_INTERNAL_ERROR_ATTEMPTS`` times in all, then
+                           dead letter ``internal_error`` with a traceback summary (the
+                           bytes are kept: ``fileserver redrive`` re-runs it after a fix)
 =========================  ==========================================================
+
+The dead-letter breaker (:class:`DeadLetterLimit`) counts only reasons a retry can fix
+(the source's and the content's side); reasons decided by the record's bytes
+(:data:`~fileserver.errors.PAYLOAD_REASONS`) are dead-lettered at once, always.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
 from fileserver.deadletter import DeadLetterSink
 from fileserver.errors import (
+    PAYLOAD_REASONS,
+    BreakerOpen,
     DependencyUnavailable,
     PermanentError,
     Reason,
@@ -36,6 +48,7 @@ from fileserver.pipeline import Outcome, Result
 from fileserver.record import SourceRecord
 from fileserver.repository import NewFailure, Repository
 from fileserver.retry import RetryPolicy
+from fileserver.text import storable_text
 
 log = logging.getLogger("fileserver.events")
 
@@ -86,11 +99,15 @@ class DeadLetterLimit:
     """A circuit breaker on dead letters, in the spirit of Arroyo's ``DlqLimit``.
 
     When ``max_consecutive`` events in a row fail permanently for the same reason
-    with no success in between, the cause is probably systemic (a bad producer
-    deploy, a gateway serving HTML error pages) and dead-lettering the rest of the
-    topic would only move the damage. The breaker then *opens*: further events that
-    fail for that reason are held (not dead-lettered, not committed) and retried
-    every ``cooldown_s``; the first success closes it. ``max_consecutive=0`` disables it.
+    with no success in between, the cause is probably systemic (a gateway serving
+    404s or HTML error pages for everything, a gateway missing from the allowlist) and
+    dead-lettering the rest of the topic would only move the damage. The breaker then
+    *opens*: further events that fail for that reason are held (not dead-lettered, not
+    committed) and retried every ``cooldown_s``; the first success closes it.
+
+    Only reasons a retry can fix count: a failure decided by the record's bytes
+    (:data:`~fileserver.errors.PAYLOAD_REASONS`) is always dead-lettered and neither
+    counts nor resets the run. ``max_consecutive=0`` disables the breaker.
     """
 
     def __init__(self, max_consecutive: int = 100, cooldown_s: float = 60.0) -> None:
@@ -110,7 +127,7 @@ class DeadLetterLimit:
 
     def allow(self, reason: str) -> bool:
         """Count a permanent failure; ``False`` when it must be held instead of dead-lettered."""
-        if self.max_consecutive <= 0:
+        if self.max_consecutive <= 0 or reason in PAYLOAD_REASONS:
             return True
         if reason != self._reason:
             if self.open:
@@ -124,8 +141,7 @@ class DeadLetterLimit:
     def describe(self) -> str:
         return (
             f"dead-letter breaker open: {self._count} consecutive '{self._reason}' failures "
-            f"(FILESERVER_DLQ_MAX_CONSECUTIVE={self.max_consecutive}); holding events and "
-            f"retrying every {self.cooldown_s:g}s"
+            f"(FILESERVER_DLQ_MAX_CONSECUTIVE={self.max_consecutive})"
         )
 
 
@@ -137,8 +153,25 @@ def _source_url(record: SourceRecord) -> str | None:
     return parsed.file_path if isinstance(parsed, TalkEvent) else None
 
 
+def _bug_summary(exc: BaseException, frames: int = 4) -> str:
+    """``Type: message (at file:line in function <- ...)``: the innermost frames, enough
+    to find the bug from the dead letter alone."""
+    stack = traceback.extract_tb(exc.__traceback__)[-frames:]
+    where = " <- ".join(
+        f"{f.filename.rsplit('/', 2)[-1] if '/' in f.filename else f.filename}:{f.lineno} "
+        f"in {f.name}"
+        for f in reversed(stack)
+    )
+    text = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+    return f"{text} (at {where})" if where else text
+
+
 class Processor:
-    """Applies the retry and dead-letter policy around one ingest function."""
+    """Applies the retry and dead-letter policy around one ingest function.
+
+    ``hold=False`` (backfill): when the breaker would hold an event, :meth:`process`
+    raises :class:`BreakerOpen` instead of waiting for the cause to go away.
+    """
 
     def __init__(
         self,
@@ -147,9 +180,11 @@ class Processor:
         dead_letters: DeadLetterSink,
         *,
         source_retry_s: float,
+        internal_error_attempts: int = 5,
         retry: RetryPolicy | None = None,
         health: Health | None = None,
         breaker: DeadLetterLimit | None = None,
+        hold: bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: Metrics | None = None,
     ) -> None:
@@ -157,36 +192,49 @@ class Processor:
         self._repo = repo
         self._dead_letters = dead_letters
         self._source_retry_s = source_retry_s
+        self._internal_error_attempts = max(1, internal_error_attempts)
         self._retry = retry or RetryPolicy()
         self.health = health or Health()
         self.breaker = breaker or DeadLetterLimit(max_consecutive=0)
+        self._hold_events = hold
         self._sleep = sleep
         self.metrics = metrics or get_metrics()
 
-    async def process(self, record: SourceRecord) -> Result:
-        """Ingest or dead-letter ``record``; returns only once the outcome is durable."""
+    async def process(
+        self, record: SourceRecord, slot: AbstractAsyncContextManager[object] | None = None
+    ) -> Result:
+        """Ingest or dead-letter ``record``; returns only once the outcome is durable.
+
+        ``slot`` (the worker's concurrency limit) is held while the event is worked on
+        and given back while it is held by the breaker, so held events never take the
+        places of events that can still succeed.
+        """
         started = time.monotonic()
         while True:
-            outcome = await self.attempt(record)
-            if isinstance(outcome, Result):
-                if outcome.outcome is not Outcome.SKIPPED:
-                    self.breaker.success()
-                _log_result(outcome, time.monotonic() - started, self.metrics)
-                return outcome
-            if self.breaker.allow(outcome.reason.value):
-                return await self.dead_letter(
-                    record, outcome.reason, outcome.detail, started=started
-                )
+            async with slot or contextlib.nullcontext():
+                await self.health.wait_ok()
+                outcome = await self.attempt(record)
+                if isinstance(outcome, Result):
+                    if outcome.outcome is not Outcome.SKIPPED:
+                        self.breaker.success()
+                    _log_result(outcome, time.monotonic() - started, self.metrics)
+                    return outcome
+                if self.breaker.allow(outcome.reason.value):
+                    return await self.dead_letter(
+                        record, outcome.reason, outcome.detail, started=started
+                    )
             await self._hold(record, outcome)
 
     async def attempt(self, record: SourceRecord) -> Result | PermanentError:
         """Ingest ``record`` with the retry policy; the result, or why it can never succeed.
 
         Retryable source errors are retried for ``source_retry_s`` and then reported as
-        ``source_unavailable``; dependency outages and bugs are retried without limit.
+        ``source_unavailable``; dependency outages are retried without limit; a bug is
+        retried ``internal_error_attempts`` times in all, then reported as
+        ``internal_error``.
         """
         started = time.monotonic()
-        attempt = 0
+        attempt = bugs = 0
         while True:
             attempt += 1
             try:
@@ -204,21 +252,42 @@ class Processor:
             except DependencyUnavailable as exc:
                 self.health.degraded(str(exc))
                 await self._backoff(record, attempt, exc)
-            except Exception as exc:  # a bug: never drop the event, never crash the agent
-                log.exception(
-                    "unexpected error on %s (attempt %d), will retry", record.source, attempt
-                )
-                self.health.degraded(f"unexpected {type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug: bounded retries, then a dead letter
+                bugs += 1
                 self.metrics.retried("unexpected")
-                await self._sleep(self._retry.delay(attempt))
+                if bugs >= self._internal_error_attempts:
+                    log.exception(
+                        "unexpected error on %s (attempt %d of "
+                        "FILESERVER_INTERNAL_ERROR_ATTEMPTS=%d): dead-lettering it",
+                        record.source,
+                        bugs,
+                        self._internal_error_attempts,
+                    )
+                    return PermanentError(
+                        Reason.INTERNAL_ERROR,
+                        f"{_bug_summary(exc)}; {bugs} attempts "
+                        f"(FILESERVER_INTERNAL_ERROR_ATTEMPTS={self._internal_error_attempts})",
+                    )
+                log.exception(
+                    "unexpected error on %s (attempt %d), will retry", record.source, bugs
+                )
+                await self._sleep(self._retry.delay(bugs))
             else:
                 self.health.recovered()
                 return result
 
     async def _hold(self, record: SourceRecord, exc: PermanentError) -> None:
         """The breaker is open: keep the event (uncommitted) and try it again later."""
-        self.health.degraded(self.breaker.describe())
-        log.error("holding %s (%s): %s", record.source, exc.reason.value, self.breaker.describe())
+        if not self._hold_events:
+            raise BreakerOpen(exc.reason.value, self.breaker.describe())
+        self.metrics.retried("breaker")
+        log.error(
+            "holding %s (%s): %s; retrying it every %gs (FILESERVER_DLQ_BREAKER_COOLDOWN_S)",
+            record.source,
+            exc.reason.value,
+            self.breaker.describe(),
+            self.breaker.cooldown_s,
+        )
         await self._sleep(self.breaker.cooldown_s)
 
     async def _backoff(self, record: SourceRecord, attempt: int, exc: RetryableError) -> None:
@@ -234,9 +303,14 @@ class Processor:
 
         The record is published once per call; only a crash between the publish and
         the row can repeat it on redelivery (at-least-once on the dead-letter topic).
+        The row's text columns are made storable (the original bytes stay in
+        ``payload``); an error that is not an outage is retried like one, with the
+        row's detail cut to plain ASCII after the first such error.
         """
+        detail = storable_text(detail, max_chars=4000)
         attempt = 0
         published = False
+        plain = False
         while True:
             attempt += 1
             try:
@@ -245,24 +319,41 @@ class Processor:
                         await self._dead_letters.publish(record, reason.value, detail)
                         published = True
                     await self._repo.insert_failure(
-                        NewFailure(
-                            kafka_topic=record.topic,
-                            kafka_partition=record.partition,
-                            kafka_offset=record.offset,
-                            reason=reason.value,
-                            detail=detail,
-                            source_url=_source_url(record),
-                            payload=record.value,
-                        )
+                        self._failure_row(record, reason, detail, plain=plain)
                     )
                 break
             except DependencyUnavailable as exc:
                 self.health.degraded(str(exc))
                 await self._backoff(record, attempt, exc)
+            except Exception as exc:  # never lose the dead letter: retry, simplest row next
+                log.exception("cannot record the dead letter of %s; retrying", record.source)
+                plain = True
+                self.health.degraded(f"dead letter of {record.source}: {type(exc).__name__}")
+                self.metrics.retried("unexpected")
+                await self._sleep(self._retry.delay(attempt))
         self.health.recovered()
         result = Result(Outcome.DEAD_LETTERED, record, reason=reason.value, detail=detail)
         _log_result(result, None if started is None else time.monotonic() - started, self.metrics)
         return result
+
+    @staticmethod
+    def _failure_row(
+        record: SourceRecord, reason: Reason, detail: str, *, plain: bool
+    ) -> NewFailure:
+        """The ``ingest_failures`` row; ``plain``: ASCII detail and no URL, the row that
+        can be written whatever the text was."""
+        source_url = None if plain else _source_url(record)
+        if plain:
+            detail = detail.encode("ascii", "backslashreplace").decode("ascii")
+        return NewFailure(
+            kafka_topic=record.topic,
+            kafka_partition=record.partition,
+            kafka_offset=record.offset,
+            reason=reason.value,
+            detail=detail,
+            source_url=None if source_url is None else storable_text(source_url),
+            payload=record.value,
+        )
 
 
 def _log_result(result: Result, elapsed_s: float | None, metrics: Metrics) -> None:

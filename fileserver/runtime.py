@@ -226,8 +226,11 @@ def make_reader(settings: Settings, *, client_id: str = "fileserver-backfill") -
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """Build every client from ``settings``; close them all on exit."""
+async def open_runtime(settings: Settings, *, hold: bool = True) -> AsyncIterator[Runtime]:
+    """Build every client from ``settings``; close them all on exit.
+
+    ``hold=False`` (backfill): the processor raises :class:`~fileserver.errors.BreakerOpen`
+    where the worker would hold events behind an open dead-letter breaker."""
     if not settings.allowed_sources:
         raise ConfigError(
             "FILESERVER_ALLOWED_SOURCES is empty: list the gateways (host, host:port or CIDR) "
@@ -300,8 +303,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             repo,
             dead_letters,
             source_retry_s=settings.source_retry_s,
+            internal_error_attempts=settings.internal_error_attempts,
             health=health,
             breaker=DeadLetterLimit(settings.dlq_max_consecutive, settings.dlq_breaker_cooldown_s),
+            hold=hold,
         )
         yield Runtime(
             settings, fetcher, store, repo, dead_letters, ingestor, processor, engine, health

@@ -34,10 +34,20 @@ from fileserver.settings import Settings
 from fileserver.web import Observability
 
 log = logging.getLogger(__name__)
+MAX_POLL_INTERVAL_S = (2**31 - 1) / 1000
 
 
 class IntakeWindow:
-    """Runs records concurrently (bounded) and acks them in partition-offset order."""
+    """Runs records concurrently (bounded) and acks them in partition-offset order.
+
+    Fencing: every drain (partition revocation, shutdown) ends a *generation*. While a
+    drain runs no record is admitted; when it ends, everything of the old generation
+    still unfinished is cancelled and forgotten, and a record that was waiting for
+    room (or arrives late) under the old generation is released without an ack. So
+    nothing of a generation can reach faust's ack/commit path after its drain: faust
+    forgets a revoked partition's committed offset, and one late ack of a later
+    offset would otherwise commit past the abandoned events.
+    """
 
     def __init__(
         self,
@@ -56,6 +66,9 @@ class IntakeWindow:
         self._acks: OrderedAcks[Any] = OrderedAcks()
         self._released = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._generation = 0
+        self._draining = 0  # drains running (shutdown may start one during another)
+        self.fenced = 0  # records released without an ack by a fence (for tests, logs)
 
     @property
     def in_flight(self) -> int:
@@ -67,39 +80,69 @@ class IntakeWindow:
         """Events read and not yet acked (in flight, or waiting for an earlier one)."""
         return len(self._acks)
 
-    async def submit(self, partition: Hashable, record: SourceRecord, token: Any) -> None:
-        """Start processing ``record``; waits while ``max_pending`` events are unacked."""
-        while len(self._acks) >= self._max_pending:
+    @property
+    def generation(self) -> int:
+        """The current generation: bumped at the end of every drain."""
+        return self._generation
+
+    def _open(self, generation: int) -> bool:
+        return not self._draining and generation == self._generation
+
+    async def submit(self, partition: Hashable, record: SourceRecord, token: Any) -> bool:
+        """Start processing ``record``; waits while ``max_pending`` events are unacked.
+
+        Returns ``False`` when the record was fenced instead: a drain started or ended
+        while it waited. It is then never acked (faust redelivers it to the next owner).
+        """
+        generation = self._generation
+        while self._open(generation) and len(self._acks) >= self._max_pending:
             self._released.clear()
             await self._released.wait()
+        if not self._open(generation):
+            self.fenced += 1
+            self._forget(token)
+            log.info("fenced %s: read before a rebalance or shutdown", record.source)
+            return False
         self._acks.add(partition, record.offset, token)
-        task = asyncio.create_task(self._run(partition, record), name=f"ingest {record.source}")
+        task = asyncio.create_task(
+            self._run(generation, partition, record), name=f"ingest {record.source}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
-    async def _run(self, partition: Hashable, record: SourceRecord) -> None:
-        async with self._slots:
-            await self._processor.health.wait_ok()
-            await self._processor.process(record)
-        # Reached only when the outcome is durable: never on cancellation.
+    async def _run(self, generation: int, partition: Hashable, record: SourceRecord) -> None:
+        await self._processor.process(record, self._slots)
+        # Reached only when the outcome is durable: never on cancellation. An event of
+        # an ended generation was forgotten by the drain that ended it: never ack it.
+        if generation != self._generation:
+            return
         for token in self._acks.done(partition, record.offset):
             self._ack(token)
         self._released.set()
 
     async def drain(self, grace_s: float) -> int:
-        """Wait up to ``grace_s`` for in-flight events, then abandon the rest.
+        """End the current generation: admit nothing more, wait up to ``grace_s`` for
+        the events in flight (they still ack, in order), then abandon the rest.
 
         Abandoned events are cancelled and never acked: they stay uncommitted and
         are redelivered. Returns how many were abandoned.
         """
-        tasks = set(self._tasks)
-        if tasks:
-            log.info("draining %d in-flight events (grace %.0fs)", len(tasks), grace_s)
-            _done, tasks = await asyncio.wait(tasks, timeout=grace_s)
-        return await self.abandon() if tasks else 0
+        self._draining += 1
+        self._released.set()  # wake a submit waiting for room: it is fenced now
+        try:
+            tasks = set(self._tasks)
+            if tasks:
+                log.info("draining %d in-flight events (grace %.0fs)", len(tasks), grace_s)
+                await asyncio.wait(tasks, timeout=grace_s)
+            return await self.abandon()
+        finally:
+            self._draining -= 1
 
     async def abandon(self) -> int:
-        """Cancel every in-flight event and forget every unacked one (they will be redelivered)."""
+        """End the generation now: cancel every in-flight event and forget every unacked
+        one (they will be redelivered)."""
+        self._generation += 1
         tasks = set(self._tasks)
         for task in tasks:
             task.cancel()
@@ -125,21 +168,18 @@ class FileserverApp(faust.App):
         return faust_transport.Transport(self.conf.broker_consumer, self)
 
     async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
+        """faust waits here for every unacked event (revocation, shutdown). The window's
+        drain runs beside that wait and bounds it; it always runs to its end, because
+        its end is the fence of the generation (see :class:`IntakeWindow`)."""
         window = self.window
         if window is None:
             await super()._consumer_wait_empty(consumer, logger)
             return
-
-        async def bound() -> None:
-            await asyncio.sleep(0)
-            await window.drain(self.shutdown_grace_s)
-
-        timer = asyncio.create_task(bound(), name="bounded drain")
+        drain = asyncio.create_task(window.drain(self.shutdown_grace_s), name="bounded drain")
         try:
             await super()._consumer_wait_empty(consumer, logger)
         finally:
-            if not timer.done():
-                timer.cancel()
+            await drain
 
 
 def _forget_event(event: Any) -> None:
@@ -184,6 +224,11 @@ def build_app(settings: Settings) -> FileserverApp:
         broker_request_timeout=max(settings.session_timeout_s + 5, 40.0),
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_max_poll_records=500,
+        # Intake pauses on purpose (a dependency outage, a full window): faust then stops
+        # polling, and past this interval aiokafka would leave the group. Liveness is the
+        # heartbeat's job (faust runs it on the consumer thread), so, like Kafka Streams
+        # did, set the poll interval to Kafka's maximum (Integer.MAX_VALUE ms, ~24.8 days).
+        broker_max_poll_interval=MAX_POLL_INTERVAL_S,
         stream_buffer_maxsize=max(64, settings.concurrency * 4),
         consumer_auto_offset_reset="earliest",
         topic_disable_leader=True,

@@ -17,7 +17,7 @@ from fileserver.errors import (
     SourceUnavailable,
 )
 from fileserver.pipeline import Outcome, Result
-from fileserver.processor import Health, Processor
+from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.record import SourceRecord
 from fileserver.repository import NewFailure, Repository
 from fileserver.retry import RetryPolicy
@@ -64,11 +64,18 @@ class Clock:
 class FakeRepo:
     """The two failure-row methods the processor uses, optionally failing first."""
 
-    def __init__(self, has_failure_errors: int = 0, insert_errors: int = 0) -> None:
+    def __init__(
+        self,
+        has_failure_errors: int = 0,
+        insert_errors: int = 0,
+        insert_bugs: int = 0,
+    ) -> None:
         self.rows: dict[tuple[str, int, int], NewFailure] = {}
         self.inserts: list[NewFailure] = []
+        self.refused: list[NewFailure] = []
         self._has_failure_errors = has_failure_errors
         self._insert_errors = insert_errors
+        self._insert_bugs = insert_bugs
 
     async def has_failure(self, topic: str, partition: int, offset: int) -> bool:
         if self._has_failure_errors:
@@ -80,6 +87,10 @@ class FakeRepo:
         if self._insert_errors:
             self._insert_errors -= 1
             raise DependencyUnavailable("postgres", "connection reset")
+        if self._insert_bugs:  # e.g. a DataError on text the database cannot store
+            self._insert_bugs -= 1
+            self.refused.append(row)
+            raise ValueError("invalid byte sequence for encoding UTF8")
         self.inserts.append(row)
         key = (row.kafka_topic, row.kafka_partition, row.kafka_offset)
         if key in self.rows:
@@ -127,6 +138,7 @@ def make(
     sink: FakeSink | None = None,
     source_retry_s: float = 60.0,
     retry: RetryPolicy | None = None,
+    internal_error_attempts: int = 5,
 ) -> tuple[Processor, ScriptedIngest, FakeRepo, FakeSink]:
     ingest = ScriptedIngest(steps)
     repo = repo or FakeRepo()
@@ -136,6 +148,7 @@ def make(
         cast(Repository, repo),
         cast(DeadLetterSink, sink),
         source_retry_s=source_retry_s,
+        internal_error_attempts=internal_error_attempts,
         retry=retry or RetryPolicy(initial_s=0.5, max_s=8.0),
         sleep=clock.sleep,
     )
@@ -410,7 +423,7 @@ async def test_unexpected_exception_is_retried_not_dropped(
     result = await processor.process(RECORD)
     assert result.outcome is Outcome.INGESTED
     assert ingest.calls == 3
-    assert clock.health_at_sleep == [False, False]
+    assert clock.health_at_sleep == [True, True], "a bug in one event pauses nothing"
     assert processor.health.ok
     assert (sink.attempts, repo.inserts) == (0, [])
     assert any(r.exc_info and r.exc_info[1] is error for r in caplog.records)
@@ -423,6 +436,64 @@ async def test_unexpected_exception_then_permanent_error(clock: Clock) -> None:
     assert result.outcome is Outcome.DEAD_LETTERED
     assert result.reason == "md5_mismatch"
     assert len(sink.published) == len(repo.rows) == 1
+    assert processor.health.ok
+
+
+@pytest.mark.parametrize("attempts", [1, 3, 5])
+async def test_a_bug_is_retried_a_bounded_number_of_times_then_dead_lettered(
+    clock: Clock, attempts: int
+) -> None:
+    error = UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+    processor, ingest, repo, sink = make(
+        clock, [error], source_retry_s=0.0, internal_error_attempts=attempts
+    )
+    result = await processor.process(RECORD)
+    assert result.outcome is Outcome.DEAD_LETTERED
+    assert result.reason == "internal_error"
+    assert ingest.calls == attempts, "retried, but only FILESERVER_INTERNAL_ERROR_ATTEMPTS times"
+    assert len(clock.sleeps) == attempts - 1
+    assert processor.health.ok, "a bug in one event never pauses intake"
+    ((record, reason, detail),) = sink.published
+    assert record is RECORD and reason == "internal_error"
+    assert detail.startswith("UnicodeEncodeError: ")
+    assert "test_processor.py:" in detail, "the detail carries a traceback summary"
+    assert f"FILESERVER_INTERNAL_ERROR_ATTEMPTS={attempts}" in detail
+    (row,) = repo.rows.values()
+    assert row.payload == RECORD.value, "the dead letter keeps the bytes for redrive"
+
+
+async def test_internal_error_is_never_held_by_an_open_breaker(clock: Clock) -> None:
+    processor, _ingest, repo, _sink = make(clock, [RuntimeError("bug")], internal_error_attempts=2)
+    processor.breaker = DeadLetterLimit(max_consecutive=1, cooldown_s=30)
+    assert processor.breaker.allow("source_not_found")
+    assert processor.breaker.open
+    for offset in range(3):
+        record = SourceRecord("t", 0, offset, b"{}")
+        assert (await processor.process(record)).reason == "internal_error"
+    assert 30 not in clock.sleeps, "nothing was held"
+    assert len(repo.rows) == 3
+
+
+async def test_failure_row_text_is_made_storable(clock: Clock) -> None:
+    bad = PermanentError(Reason.INVALID_EVENT, "ip has \x00 and \ud800 in it")
+    processor, _, repo, _sink = make(clock, [bad])
+    result = await processor.process(RECORD)
+    assert result.outcome is Outcome.DEAD_LETTERED
+    (row,) = repo.rows.values()
+    assert "\x00" not in row.detail
+    row.detail.encode("utf-8")  # no lone surrogate left
+    assert row.payload == RECORD.value
+
+
+async def test_failure_row_refused_by_the_database_is_written_plain(clock: Clock) -> None:
+    bad = PermanentError(Reason.INVALID_AUDIO, "ünïcode détail")
+    processor, _, repo, sink = make(clock, [bad], repo=FakeRepo(insert_bugs=1))
+    result = await processor.process(RECORD)
+    assert result.outcome is Outcome.DEAD_LETTERED
+    assert len(repo.refused) == 1 and len(sink.published) == 1, "published once"
+    (row,) = repo.rows.values()
+    assert row.detail.isascii() and row.source_url is None
+    assert row.payload == RECORD.value
     assert processor.health.ok
 
 
