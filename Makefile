@@ -26,6 +26,7 @@ unit: setup
 
 test: lint
 	$(BIN)/python -m tests.servers.kafka --fetch
+	$(BIN)/python -m tests.servers.toxiproxy --fetch
 	$(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15
 
 bench: setup

