@@ -3,7 +3,9 @@
 It reads with a group-less consumer (``assign`` + ``seek``), so it never joins, commits
 to or otherwise changes the live worker's consumer group. The range is resolved once at
 start (``--from-offset``/``--from-time``, ``--to-offset``/``--to-time``, by default up to
-the end offsets captured then), so the command always terminates.
+the end offsets captured then), so the command always terminates. It never waits behind
+the dead-letter breaker either: where the worker would hold events, the run stops
+(exit status 4) with a resume command that starts at the first event it did not finish.
 
 Each batch read from Kafka costs one batched ``recordings`` look-up (and one batched
 ``ingest_failures`` look-up for what is left): events already ingested, events that
@@ -35,6 +37,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from fileserver.errors import (
+    BreakerOpen,
     ConfigError,
     DependencyUnavailable,
     PermanentError,
@@ -58,6 +61,7 @@ LOOKUP_BATCH = 1000
 EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_INTERRUPTED = 130
+EXIT_BREAKER = 4  # stopped by the dead-letter breaker (FILESERVER_DLQ_MAX_CONSECUTIVE)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # --------------------------------------------------------------------------- ranges (pure)
@@ -407,6 +411,8 @@ class Summary:
     resume: dict[int, int] = field(default_factory=dict)
     repairs: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    breaker: str | None = None  # the breaker's detail when it stopped the run
+    held: list[str] = field(default_factory=list)  # events it stopped on (not done)
 
     @property
     def done(self) -> int:
@@ -414,7 +420,10 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        """0: every record ended as a row or a skip; 1: dead letters or errors; 130: stopped."""
+        """0: every record ended as a row or a skip; 1: dead letters or errors; 4: stopped by
+        the dead-letter breaker (before 130: it is why the run stopped); 130: interrupted."""
+        if self.breaker is not None:
+            return EXIT_BREAKER
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.error or any(self.counts[k] for k in _BAD):
@@ -442,13 +451,31 @@ class Summary:
             rows.append(f"... and {len(self.problems) - MAX_LISTED} more problems (see the log)")
         if self.error:
             rows.append(f"error: {self.error}")
+        if self.breaker is not None:
+            rows.append(
+                "stopped by the dead-letter breaker: no new events were started"
+                + ("" if self.interrupted else ", the events in flight finished")
+            )
+            rows.append(f"breaker: {self.breaker}")
+            rows.extend(
+                f"held (not dead-lettered, redone on resume): {line}"
+                for line in self.held[:MAX_LISTED]
+            )
+            if len(self.held) > MAX_LISTED:
+                rows.append(f"... and {len(self.held) - MAX_LISTED} more held (see the log)")
         if self.interrupted:
             rows.append("interrupted: in-flight events were abandoned (a later run redoes them)")
-            if self.resume and self.plan is not None:
-                stops = {r.partition: r.stop for r in self.plan.ranges}
-                args = " ".join(f"--from-offset {p}:{o}" for p, o in sorted(self.resume.items()))
-                args += " " + " ".join(f"--to-offset {p}:{stops[p]}" for p in sorted(self.resume))
-                rows.append(f"resume with: fileserver backfill --topic {self.plan.topic} {args}")
+        stopped = self.interrupted or self.breaker is not None
+        if stopped and self.resume and self.plan is not None:
+            stops = {r.partition: r.stop for r in self.plan.ranges}
+            args = " ".join(f"--from-offset {p}:{o}" for p, o in sorted(self.resume.items()))
+            args += " " + " ".join(f"--to-offset {p}:{stops[p]}" for p in sorted(self.resume))
+            rows.append(f"resume with: fileserver backfill --topic {self.plan.topic} {args}")
+        if self.breaker is not None:
+            rows.append(
+                "to go on: fix the cause, then run the resume command; or run it with "
+                "FILESERVER_DLQ_MAX_CONSECUTIVE=0 to dead-letter them all"
+            )
         rows.append(f"exit status {self.exit_code}")
         return "\n".join(rows)
 
@@ -506,67 +533,91 @@ class Backfill:
         self._in_flight: dict[int, set[int]] = {r.partition: set() for r in plan.ranges}
         self._next: dict[int, int] = {r.partition: r.start for r in plan.ranges}
         self._retry = RetryPolicy()
+        #: Set by the first event the dead-letter breaker would hold: the run stops there.
+        self.halted: BreakerOpen | None = None
+        self.held: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
         settings = runtime.settings
         self._policy = SourcePolicy(settings.allowed_sources)
+        # hold=False like the runtime's processor (open_runtime(settings, hold=False)):
+        # waiting behind the breaker would keep a run that must terminate from ending.
         self._verifier = Processor(
             self._ingest_checking_store,
             runtime.repo,
             runtime.dead_letters,
             source_retry_s=settings.source_retry_s,
+            internal_error_attempts=settings.internal_error_attempts,
             health=runtime.health,
             breaker=runtime.processor.breaker,
+            hold=False,
         )
 
     # -- reading
 
     async def run(self, consumer: AIOKafkaConsumer) -> None:
-        """Replay every range; returns once every record has its outcome."""
+        """Replay every range; returns once every record has its outcome.
+
+        When the dead-letter breaker opens (:attr:`halted`), the reader is cancelled so no
+        new event starts, the events in flight finish, and it returns early; what is not
+        finished (held events included) stays in :meth:`resume_offsets`.
+        """
+        reader = asyncio.create_task(self._read(consumer), name="backfill reader")
+        self._reader = reader
+        try:
+            try:
+                await reader
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self.halted is None or (current is not None and current.cancelling()):
+                    raise  # interrupted (or cancelled from outside): abandon the rest
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks))
+        finally:
+            reader.cancel()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(reader, *list(self._tasks), return_exceptions=True)
+
+    async def _read(self, consumer: AIOKafkaConsumer) -> None:
+        """Read the ranges a batch at a time and dispatch their events until the end."""
         topic = self.plan.topic
         active = {TopicPartition(topic, r.partition): r for r in self.plan.ranges if r.size}
         for r in self.plan.ranges:
             if not r.size:
                 self._next[r.partition] = r.stop
-        try:
-            if active:
-                consumer.assign(list(active))
-                for tp, r in active.items():
-                    consumer.seek(tp, r.start)
-            while active:
-                batch = await consumer.getmany(
-                    *active, timeout_ms=500, max_records=self.options.batch_size
-                )
-                records: list[SourceRecord] = []
-                for tp, messages in batch.items():
-                    wanted = active.get(tp)
-                    if wanted is None:
-                        continue
-                    for m in messages:
-                        if m.offset >= wanted.stop:
-                            break
-                        if m.offset >= wanted.start:
-                            records.append(
-                                SourceRecord(
-                                    topic=m.topic,
-                                    partition=m.partition,
-                                    offset=m.offset,
-                                    value=m.value,
-                                    key=m.key,
-                                    timestamp_ms=m.timestamp,
-                                )
+        if active:
+            consumer.assign(list(active))
+            for tp, r in active.items():
+                consumer.seek(tp, r.start)
+        while active:
+            batch = await consumer.getmany(
+                *active, timeout_ms=500, max_records=self.options.batch_size
+            )
+            records: list[SourceRecord] = []
+            for tp, messages in batch.items():
+                wanted = active.get(tp)
+                if wanted is None:
+                    continue
+                for m in messages:
+                    if m.offset >= wanted.stop:
+                        break
+                    if m.offset >= wanted.start:
+                        records.append(
+                            SourceRecord(
+                                topic=m.topic,
+                                partition=m.partition,
+                                offset=m.offset,
+                                value=m.value,
+                                key=m.key,
+                                timestamp_ms=m.timestamp,
                             )
-                if records:
-                    await self._handle(records)
-                for tp in list(active):
-                    if await consumer.position(tp) >= active[tp].stop:
-                        consumer.pause(tp)
-                        self._next[tp.partition] = active.pop(tp).stop
-            if self._tasks:
-                await asyncio.gather(*list(self._tasks))
-        finally:
-            for task in self._tasks:
-                task.cancel()
-            if self._tasks:
-                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+                        )
+            if records:
+                await self._handle(records)
+            for tp in list(active):
+                if await consumer.position(tp) >= active[tp].stop:
+                    consumer.pause(tp)
+                    self._next[tp.partition] = active.pop(tp).stop
 
     def resume_offsets(self) -> dict[int, int]:
         """Per unfinished partition, the first offset a later run must start from."""
@@ -661,6 +712,9 @@ class Backfill:
             kind = await work
         except asyncio.CancelledError:
             raise
+        except BreakerOpen as exc:  # not a bug: the run stops; the event stays unfinished
+            self._halt(record, exc)
+            return
         except Exception as exc:  # a bug: report it, keep the rest of the run going
             log.exception("unexpected error on %s", record.source)
             self.tally.problems.append(f"{record.source}: {type(exc).__name__}: {exc}")
@@ -670,6 +724,25 @@ class Backfill:
             self.tally.in_flight -= 1
         self._in_flight[record.partition].discard(record.offset)
         self.tally.add(kind)
+
+    def _halt(self, record: SourceRecord, exc: BreakerOpen) -> None:
+        """The breaker would hold ``record``: stop reading (no new event starts).
+
+        The offset stays in ``_in_flight`` and is not counted, so :meth:`resume_offsets`
+        starts at it: it was neither ingested nor dead-lettered.
+        """
+        self.held.append(f"{record.source} ({exc.reason})")
+        if self.halted is not None:
+            return
+        self.halted = exc
+        log.error(
+            "stopping the backfill at %s (%s): %s; no new events are started",
+            record.source,
+            exc.reason,
+            exc.detail,
+        )
+        if self._reader is not None:
+            self._reader.cancel()
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Retry a batched look-up while a dependency is down (like the worker, forever)."""
@@ -979,7 +1052,9 @@ class _Job:
     async def run(self) -> None:
         settings = self.settings
         topic = self.options.topic or settings.topic
-        async with open_runtime(settings) as runtime:
+        # hold=False: an event the dead-letter breaker would hold raises BreakerOpen, and
+        # the run stops (exit status 4) instead of waiting for the cause to go away.
+        async with open_runtime(settings, hold=False) as runtime:
             await preflight(runtime)
             consumer = make_reader(settings)
             try:
@@ -1024,7 +1099,9 @@ class _Job:
 
     def summary(self, *, interrupted: bool, error: str | None) -> Summary:
         elapsed = time.monotonic() - self.started if self.started is not None else 0.0
-        resume = self.backfill.resume_offsets() if self.backfill and interrupted else {}
+        halted = self.backfill.halted if self.backfill else None
+        stopped = interrupted or halted is not None
+        resume = self.backfill.resume_offsets() if self.backfill and stopped else {}
         return Summary(
             plan=self.plan,
             dry_run=self.options.dry_run,
@@ -1035,6 +1112,8 @@ class _Job:
             resume=resume,
             repairs=list(self.tally.repairs),
             problems=list(self.tally.problems),
+            breaker=halted.detail if halted is not None else None,
+            held=list(self.backfill.held) if self.backfill else [],
         )
 
 
@@ -1055,6 +1134,9 @@ async def run_backfill(
     err: TextIO | None = None,
 ) -> Summary:
     """Run one backfill; setting ``stop`` ends it early, with a summary of what was done.
+
+    An event the dead-letter breaker would hold ends it early too (exit status 4), with
+    the same resume command: a backfill never waits behind the breaker.
 
     Raises :class:`ConfigError` (bad range, missing topic, unreachable database or
     bucket) and :class:`DependencyUnavailable` (broker unreachable) before any record is
@@ -1098,9 +1180,13 @@ async def run_backfill(
             work.cancel()
     summary = job.summary(interrupted=interrupted, error=error)
     print(summary.render(), file=out, flush=True)
+    if summary.breaker is not None:
+        state = f"stopped by the dead-letter breaker ({summary.breaker})"
+    else:
+        state = "interrupted" if interrupted else "finished"
     log.info(
         "backfill %s: %s (exit status %d)",
-        "interrupted" if interrupted else "finished",
+        state,
         summary.one_line() or "nothing to do",
         summary.exit_code,
     )
@@ -1132,6 +1218,6 @@ async def _main(settings: Settings, options: BackfillOptions) -> int:
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``fileserver backfill``: returns the exit status (0, 1 or 130)."""
+    """``fileserver backfill``: returns the exit status (0, 1, 4 or 130; see :class:`Summary`)."""
     options = BackfillOptions.from_args(args)
     return asyncio.run(_main(settings, options))

@@ -5,7 +5,8 @@ and objects deleted; replays by time and by offset bring back exactly what is mi
 never a duplicate, never a second dead letter, never touching the live group's
 committed offsets; ranges stop at their bounds; a replay beside a live worker ends with
 each event once; ``--dry-run`` writes nothing; Ctrl-C stops with a summary that says
-how to resume.
+how to resume; so does the dead-letter breaker (exit status 4) instead of holding the
+run, while payload reasons never stop it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
@@ -90,7 +92,13 @@ def _values(
 
 
 async def _publish_at(
-    bootstrap: str, topic: str, values: list[bytes], timestamp_ms: int, corpus: Corpus | None
+    bootstrap: str,
+    topic: str,
+    values: list[bytes],
+    timestamp_ms: int,
+    corpus: Corpus | None,
+    *,
+    partitions: int = PARTITIONS,
 ) -> list[tuple[int, int]]:
     """Publish round-robin over the partitions with explicit record timestamps."""
     from aiokafka import AIOKafkaProducer
@@ -100,7 +108,7 @@ async def _publish_at(
     try:
         futures = [
             await producer.send(
-                topic, value, partition=i % PARTITIONS, timestamp_ms=timestamp_ms + i
+                topic, value, partition=i % partitions, timestamp_ms=timestamp_ms + i
             )
             for i, value in enumerate(values)
         ]
@@ -118,13 +126,17 @@ async def _publish_at(
     return placed
 
 
-def _run(stack: StackConfig, *argv: str, stop: asyncio.Event | None = None) -> Summary:
-    """``fileserver backfill ARGV`` in-process; returns its summary."""
+def _run(
+    stack: StackConfig, *argv: str, env: Mapping[str, str] | None = None, timeout: float = 300
+) -> Summary:
+    """``fileserver backfill ARGV`` in-process (settings overridden by ``env``); returns
+    its summary, or fails the test after ``timeout`` seconds (a run must terminate)."""
     options = BackfillOptions.from_args(build_parser().parse_args(["backfill", *argv]))
     out = io.StringIO()
-    summary = asyncio.run(
-        run_backfill(stack.settings(), replace_progress(options), out=out, err=io.StringIO())
+    run = run_backfill(
+        stack.settings(**(env or {})), replace_progress(options), out=out, err=io.StringIO()
     )
+    summary = asyncio.run(asyncio.wait_for(run, timeout))
     assert "backfill of topic" in out.getvalue()
     return summary
 
@@ -141,10 +153,13 @@ def _subprocess_env(stack: StackConfig) -> dict[str, str]:
     return env
 
 
-def _run_process(stack: StackConfig, *argv: str) -> subprocess.CompletedProcess[str]:
+def _run_process(
+    stack: StackConfig, *argv: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``fileserver backfill ARGV`` as a process; killed (and the test failed) after 180 s."""
     return subprocess.run(
         [sys.executable, "-m", "fileserver", "backfill", *argv],
-        env=_subprocess_env(stack),
+        env=_subprocess_env(stack) | dict(env or {}),
         capture_output=True,
         text=True,
         timeout=180,
@@ -506,4 +521,130 @@ def test_ctrl_c_stops_with_a_summary_and_the_resume_command_finishes(
     finished = _run(stack, *args)
     assert finished.exit_code == 0
     assert finished.counts[Kind.INGESTED] >= 1
+    _assert_rows_and_objects_match(stack, corpus)
+
+
+def _gone(srv: SampleServer, corpus: Corpus, tag: str, n: int) -> list[bytes]:
+    """``n`` talk events whose source answers 404 (``source_not_found``)."""
+    values = []
+    for i in range(n):
+        url = srv.url(f"/{tag}/gone_{i}.mp3")
+        corpus.missing.append(url)
+        values.append(json.dumps(talk_event(url, uid=str(1000 + i))).encode())
+    return values
+
+
+def test_the_dead_letter_breaker_stops_a_backfill_and_the_resume_command_finishes(
+    kafka_stack: StackConfig, sample_server: SampleServer
+) -> None:
+    """5 good events, 8 whose source answers 404, 5 good, on one partition; the breaker
+    at 3 and a cooldown of an hour: a backfill that held would time out here."""
+    stack, srv = kafka_stack, sample_server
+    db = stack.database_url
+    corpus = Corpus()
+    values = _values(srv, corpus, "pre", good=5, missing=0, bad=0, skip=0)
+    values += _gone(srv, corpus, "brk", 8)
+    values += _values(srv, corpus, "post", good=5, missing=0, bad=0, skip=0)
+    asyncio.run(
+        _publish_at(
+            stack.kafka_bootstrap,
+            stack.topic,
+            values,
+            int(time.time() * 1000),
+            corpus,
+            partitions=1,
+        )
+    )
+    held_offset = 5 + 3  # the 4th 404: the first the breaker would hold
+    assert corpus.positions[corpus.missing[3]] == (0, held_offset)
+
+    started = time.monotonic()
+    stopped = _run_process(
+        stack,
+        "--concurrency",
+        "1",
+        "--progress",
+        "log",
+        env={"FILESERVER_DLQ_MAX_CONSECUTIVE": "3", "FILESERVER_DLQ_BREAKER_COOLDOWN_S": "3600"},
+    )
+    output = stopped.stdout + stopped.stderr
+    print(stopped.stdout)
+    assert time.monotonic() - started < 180  # it returned (subprocess.run would have raised)
+    assert stopped.returncode == 4, output
+    assert "stopped by the dead-letter breaker" in stopped.stdout, output
+    assert (
+        "breaker: dead-letter breaker open: 3 consecutive 'source_not_found' failures "
+        "(FILESERVER_DLQ_MAX_CONSECUTIVE=3)"
+    ) in stopped.stdout, output
+    assert f"held (not dead-lettered, redone on resume): {stack.topic}/0/{held_offset}" in (
+        stopped.stdout
+    )
+    assert "FILESERVER_DLQ_MAX_CONSECUTIVE=0 to dead-letter them all" in stopped.stdout
+    assert stopped.stdout.rstrip().endswith("exit status 4"), output
+    resume = [line for line in stopped.stdout.splitlines() if line.startswith("resume with: ")]
+    assert resume == [
+        f"resume with: fileserver backfill --topic {stack.topic} "
+        f"--from-offset 0:{held_offset} --to-offset 0:{len(values)}"
+    ], output
+    table = _table(stopped.stdout)
+    assert (table["ingested"], table["dead-lettered"], table["total"]) == (5, 3, 8), output
+    assert "backfill stopped by the dead-letter breaker" in stopped.stderr, output
+    assert "(exit status 4)" in stopped.stderr, output
+    assert "unexpected error" not in output and "backfill failed" not in output, output
+    # Exactly 3 dead letters (not the held event); the good events before it ingested;
+    # nothing after it was started.
+    dead = _dead_letter_sources(stack)
+    assert dead == [f"{stack.topic}/0/{o}" for o in range(5, held_offset)]
+    assert count(db, "ingest_failures") == 3
+    assert sorted(r.source_url for r in _rows(stack)) == sorted(
+        u for u in corpus.good if "/pre/" in u
+    )
+    assert all(srv.hits.get(u.removeprefix(srv.base_url), 0) == 0 for u in corpus.missing[4:])
+
+    # The printed command with the breaker off: every remaining event a row or a letter.
+    args = resume[0].removeprefix("resume with: fileserver backfill ").split()
+    finished = _run_process(
+        stack, *args, "--progress", "log", env={"FILESERVER_DLQ_MAX_CONSECUTIVE": "0"}
+    )
+    assert finished.returncode == 1, finished.stdout + finished.stderr  # dead letters
+    table = _table(finished.stdout)
+    assert (table["ingested"], table["dead-lettered"], table["total"]) == (5, 5, 10)
+    assert "resume with" not in finished.stdout and "breaker" not in finished.stdout
+    _assert_rows_and_objects_match(stack, corpus)
+    dead = _dead_letter_sources(stack)
+    assert sorted(dead) == sorted(f"{stack.topic}/0/{o}" for o in range(5, 13))
+    assert count(db, "ingest_failures") == 8
+
+
+def test_payload_reasons_never_stop_a_backfill(
+    kafka_stack: StackConfig, sample_server: SampleServer
+) -> None:
+    """105 invalid events in a row (more than FILESERVER_DLQ_MAX_CONSECUTIVE=100), then
+    good ones: all dead-lettered, the run goes on to the end (exit status 1, as for any
+    dead letter)."""
+    stack, srv = kafka_stack, sample_server
+    db = stack.database_url
+    corpus = Corpus()
+    invalid = [
+        json.dumps({"msg_type": 1, "ptt_msg": {"uid": str(i), "file_path": ""}}).encode()
+        for i in range(105)
+    ]
+    values = invalid + _values(srv, corpus, "ok", good=3, missing=0, bad=0, skip=0)
+    asyncio.run(
+        _publish_at(
+            stack.kafka_bootstrap, stack.topic, values, int(time.time() * 1000), None, partitions=1
+        )
+    )
+    summary = _run(
+        stack,
+        "--concurrency",
+        "4",
+        env={"FILESERVER_DLQ_MAX_CONSECUTIVE": "100", "FILESERVER_DLQ_BREAKER_COOLDOWN_S": "3600"},
+    )
+    assert summary.breaker is None and not summary.interrupted, summary.render()
+    assert _counts(summary) == {Kind.DEAD_LETTERED: 105, Kind.INGESTED: 3}, summary.render()
+    assert summary.exit_code == 1 and not summary.resume
+    reasons = query(db, "SELECT reason, count(*) FROM ingest_failures GROUP BY reason")
+    assert [tuple(r) for r in reasons] == [("invalid_event", 105)]
+    assert len(set(_dead_letter_sources(stack))) == 105
     _assert_rows_and_objects_match(stack, corpus)
