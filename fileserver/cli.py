@@ -117,7 +117,8 @@ resume.
 
 Exit status: 0 every event ended as a row or a skip; 1 some were dead-lettered, a
 --verify problem or an error; 2 configuration error (bad range, unknown topic or
-partition, unreachable database or bucket); 3 broker unreachable; 130 interrupted."""
+partition, unreachable database or bucket); 3 broker unreachable; 4 stopped by the
+dead-letter breaker (run the printed resume command); 130 interrupted."""
 
 BACKFILL_EPILOG = """\
 examples:
