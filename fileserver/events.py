@@ -2,7 +2,9 @@
 
 Tolerant where the meaning is clear (ids as decimal strings, ``md5`` absent or the
 placeholder ``"md5"``, ``m_type`` absent), strict otherwise: every rejection is a
-:class:`~fileserver.errors.PermanentError` whose detail says what was wrong.
+:class:`~fileserver.errors.PermanentError` whose detail says what was wrong. Every text
+a :class:`TalkEvent` keeps is storable in Postgres ``TEXT`` (no NUL, no surrogate, no
+control character): a record that would make an INSERT fail forever is rejected here.
 """
 
 from __future__ import annotations
@@ -22,8 +24,17 @@ BIGINT_MAX = 2**63 - 1
 MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z
 MAX_URL_LENGTH = 2048
 MAX_M_TYPE_LENGTH = 32
+MAX_IP_LENGTH = 64
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}")
 _DECIMAL = re.compile(r"[0-9]{1,19}")
+# Characters no kept text field may contain. C0 controls U+0000-U+001F (NUL, which
+# Postgres TEXT refuses, and TAB/CR/LF, which split log lines and are never part of a
+# URL, a message kind or an address), DEL U+007F, C1 controls U+0080-U+009F (NEL is a
+# line break; C1 in text is mojibake from a Latin-1 decode), and UTF-16 surrogates
+# U+D800-U+DFFF (json.loads turns "\ud800" into a lone one, which is not UTF-8 and
+# which no driver can encode). Unicode format characters (Cf: zero-width space, bidi
+# marks) are left alone: they are storable and valid in real text.
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,26 @@ class SkippedEvent:
 
 def _invalid(detail: str) -> PermanentError:
     return PermanentError(Reason.INVALID_EVENT, detail)
+
+
+def _check_text(value: str, name: str) -> None:
+    """Raise ``invalid_event`` naming ``name`` if ``value`` has a ``_FORBIDDEN`` character.
+
+    The detail shows the character escaped (``ascii()``) so the detail is itself
+    storable and printable.
+    """
+    bad = _FORBIDDEN.search(value)
+    if bad is None:
+        return
+    char = bad.group()
+    code = ord(char)
+    if code == 0:
+        kind = "a NUL character"
+    elif 0xD800 <= code <= 0xDFFF:
+        kind = "a surrogate (not UTF-8)"
+    else:
+        kind = "a control character"
+    raise _invalid(f"{name} contains {kind} {char!a} (U+{code:04X}) at index {bad.start()}")
 
 
 def _integer(value: Any, name: str, *, maximum: int = BIGINT_MAX) -> int:
@@ -117,6 +148,8 @@ def _talk_event(doc: dict[str, Any]) -> TalkEvent:
         m_type = "ptt"
     elif not isinstance(m_type, str) or not 0 < len(m_type) <= MAX_M_TYPE_LENGTH:
         raise _invalid(f"ptt_msg.m_type must be a string of 1..{MAX_M_TYPE_LENGTH} characters")
+    else:
+        _check_text(m_type, "ptt_msg.m_type")
 
     file_path = ptt.get("file_path")
     if not isinstance(file_path, str) or not file_path.strip():
@@ -124,12 +157,17 @@ def _talk_event(doc: dict[str, Any]) -> TalkEvent:
     file_path = file_path.strip()
     if len(file_path) > MAX_URL_LENGTH:
         raise _invalid(f"ptt_msg.file_path is longer than {MAX_URL_LENGTH} characters")
+    _check_text(file_path, "ptt_msg.file_path")  # after the strip: edges may be spaces
 
     md5 = ptt.get("md5")
     sender_md5 = md5.lower() if isinstance(md5, str) and _HEX32.fullmatch(md5) else None
 
+    # ip is provenance only: a missing, non-string, empty or over-long value is dropped;
+    # but a string with control characters or surrogates is a corrupt record.
     ip = doc.get("ip")
-    source_ip = ip if isinstance(ip, str) and 0 < len(ip) <= 64 else None
+    if isinstance(ip, str):
+        _check_text(ip, "ip")
+    source_ip = ip if isinstance(ip, str) and 0 < len(ip) <= MAX_IP_LENGTH else None
 
     return TalkEvent(
         uid=_integer(ptt.get("uid"), "ptt_msg.uid"),

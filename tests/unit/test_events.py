@@ -380,6 +380,103 @@ def test_permanent_error_message_carries_reason() -> None:
     assert str(exc).startswith("invalid_event: ")
 
 
+# --- text Postgres cannot store: NUL, surrogates, control characters -----------------------
+
+# (JSON escape as it appears in the record, the character shown in the detail)
+UNSTORABLE = [
+    (r"\u0000", r"'\x00' (U+0000)"),
+    (r"\ud800", r"'\ud800' (U+D800)"),  # a lone high surrogate: json.loads accepts it
+    (r"\udfff", r"'\udfff' (U+DFFF)"),  # a lone low surrogate
+    (r"\t", r"'\t' (U+0009)"),
+    (r"\n", r"'\n' (U+000A)"),
+    (r"\r", r"'\r' (U+000D)"),
+    (r"\u001b", r"'\x1b' (U+001B)"),  # ESC: terminal escape sequences in logs
+    (r"\u007f", r"'\x7f' (U+007F)"),  # DEL
+    (r"\u0085", r"'\x85' (U+0085)"),  # NEL, a C1 line break
+    (r"\u009f", r"'\x9f' (U+009F)"),  # last C1
+]
+
+
+def with_raw(field: str, raw_json_string: str) -> bytes:
+    """The seed's talk record with ``field`` set to a JSON string literal written as is."""
+    doc = talk()
+    doc["ip"] = "127.0.0.1"
+    placeholder = "@@RAW@@"
+    if field == "ip":
+        doc["ip"] = placeholder
+    else:
+        doc["ptt_msg"][field.removeprefix("ptt_msg.")] = placeholder
+    return json.dumps(doc).replace(f'"{placeholder}"', f'"{raw_json_string}"').encode()
+
+
+@pytest.mark.parametrize(("escape", "shown"), UNSTORABLE, ids=[e for e, _ in UNSTORABLE])
+@pytest.mark.parametrize("field", ["ip", "ptt_msg.m_type", "ptt_msg.file_path"])
+def test_unstorable_character_is_invalid_event_naming_the_field(
+    field: str, escape: str, shown: str
+) -> None:
+    value = f"https://h/a{escape}b.mp3" if field == "ptt_msg.file_path" else f"x{escape}y"
+    exc = rejection(with_raw(field, value))
+    assert exc.reason is Reason.INVALID_EVENT
+    assert exc.detail.startswith(f"{field} contains ")
+    assert shown in exc.detail
+    assert exc.detail.isascii()  # storable in TEXT, printable in a log line
+    exc.detail.encode("utf-8")
+
+
+def test_unstorable_detail_says_what_and_where() -> None:
+    exc = rejection(with_raw("ptt_msg.file_path", r"https://h/a\u0000.mp3"))
+    assert exc.detail == "ptt_msg.file_path contains a NUL character '\\x00' (U+0000) at index 11"
+    exc = rejection(with_raw("ip", r"1\ud800"))
+    assert exc.detail == "ip contains a surrogate (not UTF-8) '\\ud800' (U+D800) at index 1"
+    exc = rejection(with_raw("ptt_msg.m_type", r"p\u0007"))
+    assert exc.detail == "ptt_msg.m_type contains a control character '\\x07' (U+0007) at index 1"
+
+
+@pytest.mark.parametrize("ip", ["x" * 65 + "\x00", "\x00", "\ud800" * 100])
+def test_ip_string_with_unstorable_character_is_refused_whatever_its_length(ip: str) -> None:
+    # wrong types and lengths are dropped (provenance only); a corrupt string is not
+    doc = talk()
+    doc["ip"] = ip
+    exc = rejection(json.dumps(doc))
+    assert exc.reason is Reason.INVALID_EVENT
+    assert exc.detail.startswith("ip contains ")
+
+
+def test_file_path_whitespace_controls_at_the_edges_are_stripped_not_refused() -> None:
+    assert parse_talk(talk(file_path=f"\t{URL}\r\n")).file_path == URL
+    exc = rejection(encode(talk(file_path=f"{URL[:20]}\t{URL[20:]}")))
+    assert "ptt_msg.file_path contains a control character '\\t'" in exc.detail
+
+
+@pytest.mark.parametrize(
+    ("raw_json", "expected"),
+    [
+        (r"\ud83d\ude00", "\U0001f600"),  # an escaped surrogate *pair* is one real character
+        ("对讲", "对讲"),
+        (r"\u200b", "\u200b"),  # format characters (Cf) are storable and kept
+        (r"\u00a0", "\u00a0"),  # U+00A0 is the first character after C1
+        (r"\ufffd", "\ufffd"),
+    ],
+)
+def test_storable_non_ascii_text_is_kept(raw_json: str, expected: str) -> None:
+    event = parse_event(with_raw("ptt_msg.m_type", f"p{raw_json}"))
+    assert isinstance(event, TalkEvent)
+    assert event.m_type == f"p{expected}"
+    event.m_type.encode("utf-8")
+
+
+@pytest.mark.parametrize("msg_type", [2, 3])
+def test_skipped_types_keep_nothing_so_unstorable_ip_is_fine(msg_type: int) -> None:
+    assert parse_event(f'{{"msg_type": {msg_type}, "ip": "\\u0000\\ud800"}}') == SkippedEvent(
+        msg_type
+    )
+
+
+def test_unstorable_md5_is_just_not_a_digest() -> None:
+    # md5 is kept only when it is 32 hex digits; anything else is ignored as before
+    assert parse_talk(talk(md5="\x00" * 32)).sender_md5 is None
+
+
 # --- object_key ----------------------------------------------------------------------------
 
 

@@ -24,6 +24,13 @@ from fileserver.events import (
 OBJECT_KEY = re.compile(r"^\d+/\d+/\d{4}/\d{2}/\d{2}/\d+-[0-9a-f]{32}\.mp3$")
 ABSENT = object()
 HEX32 = st.text(alphabet="0123456789abcdefABCDEF", min_size=32, max_size=32)
+# what no text a TalkEvent keeps may contain: C0, DEL, C1 and surrogates (events.py)
+UNSTORABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# one such character (hypothesis' Cc is exactly C0 + DEL + C1)
+bad_char = st.characters(categories=["Cc", "Cs"])
+# text without them, and text of any code point at all (st.text never draws surrogates)
+clean_text = st.text(st.characters(exclude_categories=["Cc", "Cs"]), max_size=12)
+any_text = st.lists(st.one_of(st.characters(), bad_char), max_size=40).map("".join)
 
 FUZZ = settings(
     deadline=None,
@@ -41,6 +48,8 @@ def check(value: bytes | str | None) -> TalkEvent | SkippedEvent | None:
         assert exc.reason in set(Reason)
         assert isinstance(exc.detail, str) and exc.detail.strip()
         assert str(exc).startswith(exc.reason.value + ": ")
+        # the detail goes to a TEXT column and a Kafka header: it must be storable itself
+        assert b"\x00" not in exc.detail.encode("utf-8")
         return None
     assert isinstance(parsed, TalkEvent | SkippedEvent)
     event(f"accepted: {type(parsed).__name__}")
@@ -55,6 +64,11 @@ def check(value: bytes | str | None) -> TalkEvent | SkippedEvent | None:
         assert parsed.m_type
         assert parsed.sender_md5 is None or re.fullmatch(r"[0-9a-f]{32}", parsed.sender_md5)
         assert parsed.event_time.tzinfo is not None
+        # every text the event keeps can be stored in Postgres TEXT as is
+        for text in (parsed.m_type, parsed.file_path, parsed.source_ip):
+            if text is not None:
+                assert b"\x00" not in text.encode("utf-8")
+                assert not UNSTORABLE.search(text)
     return parsed
 
 
@@ -86,6 +100,7 @@ scalars = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=40),
+    any_text,  # NUL, controls, lone surrogates (json.dumps escapes them as \uXXXX)
 )
 json_values = st.recursive(
     scalars,
@@ -203,16 +218,40 @@ def valid_records(draw: st.DrawFn) -> tuple[dict[str, Any], int, int, int]:
         "uid": draw(as_id(uid)),
         "grp_id": draw(as_id(grp_id)),
         "timestamp": draw(as_id(timestamp)),
-        "file_path": draw(st.text(min_size=1, max_size=80).filter(lambda s: s.strip())),
+        "file_path": draw(
+            st.text(st.characters(exclude_categories=["Cc", "Cs"]), min_size=1, max_size=80).filter(
+                lambda s: s.strip()
+            )
+        ),
     }
     md5 = draw(st.one_of(st.just(ABSENT), st.none(), md5_valid, md5_odd))
     if md5 is not ABSENT:
         ptt["md5"] = md5
-    m_type = draw(st.one_of(st.just(ABSENT), st.none(), st.text(min_size=1, max_size=32)))
+    m_type = draw(
+        st.one_of(
+            st.just(ABSENT),
+            st.none(),
+            st.text(st.characters(exclude_categories=["Cc", "Cs"]), min_size=1, max_size=32),
+        )
+    )
     if m_type is not ABSENT:
         ptt["m_type"] = m_type
+    ip = draw(  # tolerated: dropped when not a string of 1..64 characters, else kept
+        st.one_of(
+            st.just(ABSENT),
+            st.just("127.0.0.1"),
+            clean_text,
+            st.text(st.characters(exclude_categories=["Cc", "Cs"]), min_size=65, max_size=80),
+            st.none(),
+            st.integers(),
+            st.lists(st.integers(), max_size=2),
+        )
+    )
+    doc = {"msg_type": draw(st.sampled_from([1, "1", " 1"])), "ptt_msg": ptt}
+    if ip is not ABSENT:
+        doc["ip"] = ip
     return (
-        {"msg_type": draw(st.sampled_from([1, "1", " 1"])), "ptt_msg": ptt},
+        doc,
         uid,
         grp_id,
         timestamp,
@@ -369,3 +408,98 @@ def test_each_attack_fragment_in_an_id_is_rejected_naming_the_field(
         assert isinstance(parsed, TalkEvent)
         assert value.strip().isascii() and value.strip().isdecimal()
         assert OBJECT_KEY.fullmatch(object_key(parsed, "0" * 32))
+
+
+# --- text Postgres cannot store (issue "Never lose or stall an event", part 2) -------------
+
+
+@settings(FUZZ, max_examples=3000)
+@given(
+    valid_records(),
+    st.sampled_from(["ip", "ptt_msg.m_type", "ptt_msg.file_path"]),
+    clean_text,
+    bad_char,
+    clean_text,
+    st.sampled_from(["bytes", "text", "text-raw"]),
+)
+@example(
+    (
+        {"msg_type": 1, "ptt_msg": {"uid": 1, "grp_id": 1, "timestamp": 1, "file_path": "u"}},
+        1,
+        1,
+        1,
+    ),
+    "ptt_msg.file_path",
+    "",
+    "\ud800",
+    "",
+    "bytes",
+)
+def test_unstorable_character_in_a_kept_field_is_invalid_event(
+    generated: tuple[dict[str, Any], int, int, int],
+    name: str,
+    left: str,
+    bad: str,
+    right: str,
+    encoding: str,
+) -> None:
+    doc, *_ = generated
+    # inside the value (file_path's surrounding whitespace would be stripped, not kept)
+    value = f"a{left}{bad}{right}z" if name != "ptt_msg.m_type" else f"{left}{bad}{right}"[:32]
+    if name == "ip":
+        doc["ip"] = value  # any length: a corrupt string is refused, not dropped
+    else:
+        doc["ptt_msg"][name.removeprefix("ptt_msg.")] = value
+    if encoding == "bytes":  # what Kafka carries: UTF-8 JSON, the character as \uXXXX
+        record: bytes | str = json.dumps(doc).encode()
+    else:  # a str value, the character escaped or raw
+        record = json.dumps(doc, ensure_ascii=encoding == "text")
+    with pytest.raises(PermanentError) as info:
+        parse_event(record)
+    exc = info.value
+    assert exc.reason is Reason.INVALID_EVENT
+    assert exc.detail.startswith(f"{name} contains ")
+    first_bad = UNSTORABLE.search(value)
+    assert first_bad is not None
+    assert ascii(first_bad.group()) in exc.detail  # shown escaped, e.g. '\x00' or '\ud800'
+    assert exc.detail.isascii()  # so the detail is storable and printable anywhere
+
+
+@settings(FUZZ, max_examples=2000)
+@given(
+    st.fixed_dictionaries(
+        {
+            "uid": st.integers(0, 99),
+            "grp_id": st.integers(0, 99),
+            "timestamp": st.integers(0, 99),
+            "file_path": any_text,
+            "m_type": st.one_of(st.none(), any_text),
+            "md5": st.one_of(HEX32, any_text),
+        }
+    ),
+    st.one_of(st.none(), any_text, st.integers()),
+    st.booleans(),
+)
+def test_any_text_in_the_fields_is_storable_or_invalid_event(
+    ptt: dict[str, Any], ip: Any, as_text: bool
+) -> None:
+    doc = {"msg_type": 1, "ip": ip, "ptt_msg": ptt}
+    parsed = check(encode(doc, as_text))  # never another exception; kept text storable
+    if parsed is None:
+        return
+    assert isinstance(parsed, TalkEvent)
+    # as the parser saw them: JSON joins an escaped surrogate pair into one character
+    seen = json.loads(json.dumps(doc))
+    kept = [seen["ptt_msg"]["file_path"].strip(), seen["ptt_msg"]["m_type"] or "ptt"]
+    kept += [seen["ip"]] if isinstance(seen["ip"], str) else []
+    assert not any(UNSTORABLE.search(text) for text in kept)
+
+
+@pytest.mark.parametrize("msg_type", [2, 3])
+@given(bad=bad_char)
+@settings(FUZZ, max_examples=50)
+def test_skipped_types_ignore_unstorable_ip(msg_type: int, bad: str) -> None:
+    # nothing of a msg_type 2/3 record is kept, so nothing in it can fail an INSERT
+    assert parse_event(json.dumps({"msg_type": msg_type, "ip": f"1{bad}"})) == SkippedEvent(
+        msg_type
+    )
