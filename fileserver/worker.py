@@ -103,7 +103,12 @@ class IntakeWindow:
             self._forget(token)
             log.info("fenced %s: read before a rebalance or shutdown", record.source)
             return False
-        self._acks.add(partition, record.offset, token)
+        try:
+            self._acks.add(partition, record.offset, token)
+        except ValueError:  # delivered again while its first delivery is in the window
+            self._forget(token)
+            log.warning("ignored %s: the same offset is already in flight", record.source)
+            return False
         task = asyncio.create_task(
             self._run(generation, partition, record), name=f"ingest {record.source}"
         )

@@ -349,3 +349,18 @@ async def test_a_stale_event_that_finishes_after_the_fence_never_acks() -> None:
     finish.set()
     await asyncio.wait_for(drain, 5)
     assert acked == [] and forgotten == [0]
+
+
+async def test_an_offset_delivered_again_while_in_flight_is_ignored() -> None:
+    fake = FakeProcessor()
+    acked: list[int] = []
+    forgotten: list[str] = []
+    window = IntakeWindow(
+        cast(Processor, fake), acked.append, forget=forgotten.append, concurrency=8, max_pending=10
+    )
+    assert await window.submit("p0", SourceRecord("t", 0, 5, b""), 5)
+    assert not await window.submit("p0", SourceRecord("t", 0, 5, b""), "again")
+    assert forgotten == ["again"]
+    fake.release(5)
+    await _settle()
+    assert acked == [5] and window.pending == 0
