@@ -114,13 +114,24 @@ def make_s3_putter(settings: Settings, client: Any, session: boto3.session.Sessi
 
 
 def make_engine(settings: Settings) -> AsyncEngine:
-    """The async SQLAlchemy engine (psycopg 3) with a pool sized for the concurrency."""
+    """The async SQLAlchemy engine (psycopg 3) with a pool sized for the concurrency.
+
+    Connect timeout, TCP keepalives, ``statement_timeout`` and a bounded pool wait come
+    from :func:`fileserver.repository.engine_options` (a silent link must not stall
+    every insert for ~15 min)."""
+    from fileserver.repository import engine_options
+
     return create_async_engine(
         settings.database_url,
         pool_size=min(20, max(2, settings.concurrency // 4)),
         max_overflow=10,
         pool_pre_ping=True,
         pool_recycle=1800,
+        **engine_options(
+            settings.database_url,
+            connect_timeout_s=settings.connect_timeout_s,
+            statement_timeout_s=settings.db_statement_timeout_s,
+        ),
     )
 
 

@@ -9,7 +9,8 @@ from dataclasses import fields, replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import text
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from fileserver.errors import DependencyUnavailable
@@ -231,21 +232,72 @@ def test_lookup_plan_probes_the_index_even_when_planned_on_an_empty_table(
     assert "Seq Scan on recordings" not in plan, plan
 
 
-async def test_a_killed_batch_connection_fails_one_batch_then_reconnects(
+async def test_a_batch_connection_killed_while_idle_is_replaced_without_failing(
     repo: Repository, database_url: str
 ) -> None:
-    """The batches' kept-open connections: a backend killed under them costs the batch
-    that was using it (a retryable error), and the next batch opens a new connection."""
+    """The batches' kept-open connections: a backend killed while idle (restart,
+    ``pg_terminate_backend``) is noticed by the next statement, which runs again on a new
+    connection; no caller sees an error."""
     assert await repo.insert_recording(_row("first")) is True
     assert await repo.recording_md5(_row("first").source_url) is not None
-    query(
+    (before,) = await repo._execute(
+        text("SELECT pg_backend_pid()"), write=False, held=repo._insert_conn
+    )
+    killed = query(
         database_url,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid()",
     )
-    with pytest.raises(DependencyUnavailable, match="postgres"):
-        await repo.insert_recording(_row("second"))
+    assert len(killed) >= 2  # both kept connections
     assert await repo.insert_recording(_row("second")) is True
-    with pytest.raises(DependencyUnavailable, match="postgres"):
-        await repo.recording_md5("anything")
     assert await repo.recording_md5(_row("second").source_url) is not None
+    (after,) = await repo._execute(
+        text("SELECT pg_backend_pid()"), write=False, held=repo._insert_conn
+    )
+    assert after != before
+    assert count(database_url, "recordings") == 2
+
+
+async def test_one_bad_row_fails_alone_and_the_rest_of_its_batch_is_inserted(
+    database_url: str, metrics: Metrics
+) -> None:
+    """A NUL character and a SMALLINT out of range (both a ``DataError`` from Postgres)
+    in a batch of 52: the batch is run again row by row, the 50 good rows land, and each
+    bad row's caller alone gets its own database error (not an outage)."""
+    upgrade(database_url)
+    engine = create_async_engine(database_url)
+    repo = Repository(engine, batch_rows=100, batch_linger_s=0.05, metrics=metrics)
+    rows = [_row(f"http://127.0.0.1/{i}.mp3", offset=i) for i in range(52)]
+    rows[10] = replace(rows[10], s3_key="nul\x00inside")
+    rows[40] = replace(rows[40], channels=2**15)  # SMALLINT
+    pid = text("SELECT pg_backend_pid()")
+    try:
+        before = await repo._execute(pid, write=False, held=repo._insert_conn)
+        results = await asyncio.gather(
+            *(repo.insert_recording(r) for r in rows), return_exceptions=True
+        )
+        batches = metrics.registry.get_sample_value(
+            "fileserver_db_batch_rows_count", {"statement": "insert"}
+        )
+        assert batches == 1  # one batch of all 52
+        bad = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+        assert sorted(bad) == [10, 40]
+        assert all(isinstance(r, DataError) for r in bad.values())  # not an outage
+        assert "0x00" in str(bad[10]) and "out of range" in str(bad[40])
+        assert [r for i, r in enumerate(results) if i not in bad] == [True] * 50
+        assert count(database_url, "recordings") == 50
+        # the kept connection is fine afterwards: still the same one
+        assert await repo.insert_recording(replace(rows[10], s3_key="fixed")) is True
+        assert await repo._execute(pid, write=False, held=repo._insert_conn) == before
+    finally:
+        await repo.close()
+        await engine.dispose()
+
+
+async def test_one_bad_lookup_fails_alone(repo: Repository) -> None:
+    rows = [_row(f"http://127.0.0.1/{i}.mp3", offset=i) for i in range(20)]
+    assert all(await asyncio.gather(*(repo.insert_recording(r) for r in rows)))
+    urls = [r.source_url for r in rows] + ["http://127.0.0.1/\x00.mp3", "http://nowhere/"]
+    results = await asyncio.gather(*(repo.recording_md5(u) for u in urls), return_exceptions=True)
+    assert isinstance(results[20], DataError)  # not an outage
+    assert results[:20] == [r.md5 for r in rows] and results[21] is None

@@ -117,3 +117,72 @@ async def test_cancelling_the_flusher_cancels_the_queued_calls(steps: int) -> No
     async with asyncio.timeout(5):
         assert await asyncio.gather(*(batcher.call(i) for i in (3, 4, 5))) == [3, 4, 5]
     assert calls == [[3, 4, 5]]
+
+
+def _isolating_run(
+    bad: set[int], outage_at: int | None = None
+) -> tuple[list[list[int]], Callable[[list[int]], Awaitable[list[int]]]]:
+    """A ``run`` that fails with ValueError when a batch holds a ``bad`` item, and with
+    ConnectionError when it runs ``outage_at``."""
+    calls: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        await asyncio.sleep(0)
+        if outage_at in items and len(items) == 1:
+            raise ConnectionError("outage")
+        if bad & set(items):
+            raise ValueError(f"bad item in {items}")
+        return [i * 10 for i in items]
+
+    return calls, run
+
+
+def _is_value_error(exc: Exception) -> bool:
+    return isinstance(exc, ValueError)
+
+
+async def test_an_item_error_reruns_the_batch_one_item_at_a_time() -> None:
+    calls, run = _isolating_run(bad={3, 7})
+    batcher: Coalescer[int, int] = Coalescer(run, max_items=10, isolate=_is_value_error)
+    results = await asyncio.gather(*(batcher.call(i) for i in range(10)), return_exceptions=True)
+    assert [type(r) for r in results if isinstance(r, BaseException)] == [ValueError] * 2
+    assert [i for i, r in enumerate(results) if isinstance(r, ValueError)] == [3, 7]
+    assert [r for r in results if not isinstance(r, BaseException)] == [
+        i * 10 for i in range(10) if i not in (3, 7)
+    ]
+    assert calls == [list(range(10)), *([i] for i in range(10))]
+
+
+async def test_an_error_that_is_not_an_items_fails_the_whole_batch_without_reruns() -> None:
+    calls, run = _isolating_run(bad={3})
+    batcher: Coalescer[int, int] = Coalescer(
+        run, max_items=10, isolate=lambda exc: isinstance(exc, KeyError)
+    )
+    results = await asyncio.gather(*(batcher.call(i) for i in range(5)), return_exceptions=True)
+    assert [type(r) for r in results] == [ValueError] * 5
+    assert calls == [[0, 1, 2, 3, 4]]
+
+
+async def test_an_outage_during_the_reruns_fails_the_items_not_yet_run_at_once() -> None:
+    """Items already answered keep their answer; the rest get the outage without being
+    tried (each would wait for the same dead database)."""
+    calls, run = _isolating_run(bad={1}, outage_at=3)
+    batcher: Coalescer[int, int] = Coalescer(run, max_items=10, isolate=_is_value_error)
+    results = await asyncio.gather(*(batcher.call(i) for i in range(6)), return_exceptions=True)
+    assert results[0] == 0 and results[2] == 20
+    assert isinstance(results[1], ValueError)
+    assert [type(r) for r in results[3:]] == [ConnectionError] * 3
+    assert calls == [[0, 1, 2, 3, 4, 5], [0], [1], [2], [3]]
+
+
+async def test_a_caller_that_gave_up_is_not_rerun() -> None:
+    calls, run = _isolating_run(bad={2})
+    batcher: Coalescer[int, int] = Coalescer(run, max_items=10, isolate=_is_value_error)
+    futures = [asyncio.ensure_future(batcher.call(i)) for i in range(4)]
+    await asyncio.sleep(0)  # all queued, the flusher started
+    futures[0].cancel()
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert results[1] == 10 and isinstance(results[2], ValueError) and results[3] == 30
+    assert [0] not in calls
