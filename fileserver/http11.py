@@ -19,6 +19,7 @@ Exceptions::
 
     HTTPError
     ├── ConnectError            the connection (TCP or TLS) could not be opened
+    │   └── ConnectTimeout      ... within the pool's connect timeout
     ├── RequestTimeout          no complete response within the request's timeout
     └── ProtocolError           the response broke HTTP/1.1 framing or a limit
         └── ServerDisconnected  the server closed the connection before the response ended
@@ -52,6 +53,10 @@ class ConnectError(HTTPError):
     """The TCP connection or the TLS handshake failed."""
 
 
+class ConnectTimeout(ConnectError):
+    """The connection was not open within the pool's connect timeout."""
+
+
 class RequestTimeout(HTTPError):
     """No complete response arrived within the request's timeout."""
 
@@ -83,6 +88,26 @@ def origin_of(url: str) -> str:
     """``scheme://host[:port]`` of ``url``."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def host_header(url: str) -> str:
+    """The ``Host`` header value for ``url``: the host in lower case (an IPv6 literal in
+    brackets) and the port only when it is not the scheme's default.
+
+    It is the value botocore signs and urllib3, aiohttp and curl send; a SigV4 signature
+    covers the Host header, so whoever signs and whoever sends must agree on it exactly
+    (``https://h:443`` is sent as ``h``, not ``h:443``).
+    """
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"no host in {url!r}")
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is None or port == {"http": 80, "https": 443}.get(parts.scheme):
+        return host
+    return f"{host}:{port}"
 
 
 # ------------------------------------------------------------------------------ parser
@@ -352,7 +377,7 @@ class Pool:
         if parts.path not in ("", "/") or parts.query or parts.username:
             raise ValueError(f"an origin has no path, query or user: {origin!r}")
         self.origin = f"{parts.scheme}://{parts.netloc}"
-        self._host_header = parts.netloc
+        self.host_header = host_header(origin)  # sent on every request
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl: ssl.SSLContext | None = None
@@ -413,7 +438,7 @@ class Pool:
                     server_hostname=self._host if self._ssl else None,
                 )
         except TimeoutError:
-            raise ConnectError(
+            raise ConnectTimeout(
                 f"connecting to {self.origin} timed out after {self._connect_timeout:g} s"
             ) from None
         except (OSError, ssl.SSLError) as exc:
@@ -447,7 +472,7 @@ class Pool:
             raise ValueError(f"invalid request line: {method!r} {target!r}")
         lines = [
             f"{method} {target} HTTP/1.1",
-            f"Host: {self._host_header}",
+            f"Host: {self.host_header}",
             f"Content-Length: {len(body)}",
         ]
         for name, value in headers.items():

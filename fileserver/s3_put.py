@@ -15,10 +15,19 @@ the store verifies (``BadDigest`` on a mismatch). Each sender translates its cli
 errors into :class:`~fileserver.errors.DependencyUnavailable`, like
 :func:`fileserver.storage.s3_errors`; :class:`S3Putter` turns error responses into the
 same.
+
+Three things keep a PUT from stalling the worker: the Host header is computed once
+(:func:`fileserver.http11.host_header`, as botocore does) and both signed and sent, so a
+``https://host:443`` endpoint signs what the store receives; credentials are read on the
+loop and refreshed in a worker thread (:class:`FrozenCredentials`), since a refresh of
+IRSA/STS/instance-role credentials is a blocking HTTP call; and each sender bounds the
+whole request (connection, upload, response) by ``timeout_s``, naming the settings it
+comes from when it fires.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -35,6 +44,8 @@ from fileserver.storage import content_md5, s3_unavailable
 _PROBE_KEY = "fileserver-probe-key"
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
 _ALGORITHM = "AWS4-HMAC-SHA256"
+#: The settings behind the senders' deadlines (runtime: ``timeout_s`` = connect + read).
+DEADLINE_SETTINGS = "FILESERVER_CONNECT_TIMEOUT_S + FILESERVER_READ_TIMEOUT_S"
 
 
 class SigV4Signer:
@@ -42,7 +53,10 @@ class SigV4Signer:
 
     Signs every header it is given plus ``host``, ``x-amz-date`` and
     ``x-amz-content-sha256`` (the body's SHA-256: the payload is always signed). The
-    signing key is derived once per day, secret and region.
+    signing key is derived once per day, secret and region. The signed ``Host`` is the
+    one in ``headers`` or else :func:`fileserver.http11.host_header` of the URL, and it is
+    always in the headers returned: send exactly those, or the store computes another
+    signature (``SignatureDoesNotMatch``).
     """
 
     def __init__(self, region: str, service: str = "s3") -> None:
@@ -71,18 +85,20 @@ class SigV4Signer:
         token: str | None = None,
         now: datetime | None = None,
     ) -> dict[str, str]:
-        """``headers`` plus the signature headers; ``url``'s path must be already quoted."""
+        """``headers`` plus ``Host`` and the signature headers; ``url``'s path must be
+        already quoted."""
         parts = urlsplit(url)
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
         payload_hash = hashlib.sha256(body).hexdigest()
         out = dict(headers)
+        if not any(name.lower() == "host" for name in out):
+            out["Host"] = http11.host_header(url)
         out["x-amz-date"] = stamp
         out["x-amz-content-sha256"] = payload_hash
         if token:
             out["x-amz-security-token"] = token
         canonical = {k.lower(): " ".join(v.split()) for k, v in out.items()}
-        canonical["host"] = parts.netloc
         names = sorted(canonical)
         signed_headers = ";".join(names)
         request = "\n".join(
@@ -122,10 +138,13 @@ def object_url_prefix(client: Any, bucket: str) -> str:
 
 
 class Sender(Protocol):
-    """Sends one PUT; raises :class:`DependencyUnavailable` when no response comes."""
+    """Sends one PUT; raises :class:`DependencyUnavailable` when no response comes within
+    ``timeout_s`` (the whole request, not each read)."""
+
+    timeout_s: float
 
     async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
-        """The response's status and body."""
+        """The response's status and body; ``headers`` carry the signed ``Host``."""
         ...
 
     async def aclose(self) -> None:
@@ -133,21 +152,49 @@ class Sender(Protocol):
         ...
 
 
+def _deadline_error(exc: BaseException, seconds: float, setting: str) -> DependencyUnavailable:
+    """A timeout worded with the setting to raise, so an operator knows what bounded it."""
+    return DependencyUnavailable(
+        "s3", f"{type(exc).__name__}: no answer within {seconds:g} s ({setting})"
+    )
+
+
 class AiohttpSender:
-    """PUTs on an :class:`aiohttp.ClientSession` (closed with the sender)."""
+    """PUTs on an :class:`aiohttp.ClientSession` (closed with the sender).
+
+    The session's own ``sock_connect`` / ``sock_read`` timeouts are kept and ``total``
+    is set to ``timeout_s``: a per-request timeout replaces the session's whole, and
+    ``sock_read`` alone never fires on a server that trickles a byte at a time.
+    """
 
     def __init__(self, session: aiohttp.ClientSession, *, timeout_s: float) -> None:
         self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
+        base = session.timeout
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_s,
+            connect=base.connect,
+            sock_read=base.sock_read,
+            sock_connect=base.sock_connect,
+            ceil_threshold=base.ceil_threshold,
+        )
 
     async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
-        """The response's status and body."""
+        """The response's status and body (aiohttp sends the ``Host`` given, as is)."""
         try:
             async with self._session.put(
                 url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as resp:
                 return resp.status, await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ConnectionTimeoutError as exc:
+            t = self._timeout.sock_connect or self.timeout_s
+            raise _deadline_error(exc, t, "FILESERVER_CONNECT_TIMEOUT_S") from None
+        except aiohttp.SocketTimeoutError as exc:
+            t = self._timeout.sock_read or self.timeout_s
+            raise _deadline_error(exc, t, "FILESERVER_READ_TIMEOUT_S") from None
+        except TimeoutError as exc:  # total: connection, upload and response together
+            raise _deadline_error(exc, self.timeout_s, DEADLINE_SETTINGS) from None
+        except aiohttp.ClientError as exc:
             raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
 
     async def aclose(self) -> None:
@@ -160,17 +207,35 @@ class Http11Sender:
 
     def __init__(self, pool: http11.Pool, *, timeout_s: float) -> None:
         self._pool = pool
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
 
     async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
-        """The response's status and body."""
+        """The response's status and body.
+
+        The pool writes its own ``Host``; a signed ``Host`` in ``headers`` must be that
+        very value (``ValueError`` otherwise: the signature would not match).
+        """
         origin = self._pool.origin
         if not url.startswith(origin + "/"):
             raise ValueError(f"{url!r} is not on this sender's origin {origin}")
+        rest: dict[str, str] = {}
+        for name, value in headers.items():
+            if name.lower() != "host":
+                rest[name] = value
+            elif value != self._pool.host_header:
+                raise ValueError(
+                    f"signed Host {value!r} but the pool sends {self._pool.host_header!r}"
+                )
         try:
             response = await self._pool.request(
-                "PUT", url[len(origin) :], headers, body, timeout_s=self._timeout_s
+                "PUT", url[len(origin) :], rest, body, timeout_s=self.timeout_s
             )
+        except http11.ConnectTimeout as exc:
+            raise DependencyUnavailable(
+                "s3", f"ConnectTimeout: {exc} (FILESERVER_CONNECT_TIMEOUT_S)"
+            ) from None
+        except http11.RequestTimeout as exc:
+            raise _deadline_error(exc, self.timeout_s, DEADLINE_SETTINGS) from None
         except http11.HTTPError as exc:
             raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
         return response.status, response.body
@@ -178,6 +243,61 @@ class Http11Sender:
     async def aclose(self) -> None:
         """Close the pool's connections."""
         await self._pool.aclose()
+
+
+class FrozenCredentials:
+    """botocore credentials for signing on the event loop, refreshed off it.
+
+    ``get_frozen_credentials()`` of refreshable credentials (IRSA, STS, instance roles,
+    SSO) refreshes them in place when they are close to expiring: a blocking HTTP call
+    that, on the loop, would stall every download and PUT of the worker. Here the loop
+    only reads them while botocore says no refresh is due (``refresh_needed()``, with a
+    few seconds of margin so that botocore's own check cannot start one on the loop);
+    otherwise one worker thread refreshes them and every PUT waiting meanwhile shares
+    that refresh. Static credentials never need one.
+    """
+
+    def __init__(self, credentials: Any, *, margin_s: float = 5.0) -> None:
+        self._credentials = credentials
+        refresh_needed = getattr(credentials, "refresh_needed", None)
+        self._refresh_needed = refresh_needed if callable(refresh_needed) else None
+        # botocore refreshes inside get_frozen_credentials() once this many seconds or
+        # fewer are left (its "advisory" window; the mandatory one is shorter).
+        advisory = getattr(credentials, "_advisory_refresh_timeout", 15 * 60)
+        self._refresh_in = float(advisory) + margin_s
+        self._refreshing: asyncio.Future[Any] | None = None
+
+    def refresh_due(self) -> bool:
+        """Whether reading the credentials now could refresh them (I/O)."""
+        if self._refresh_needed is None:
+            return False
+        return bool(self._refresh_needed(self._refresh_in))
+
+    def cached(self) -> Any:
+        """Frozen credentials read without I/O, or ``None`` when a refresh is due."""
+        if self.refresh_due():
+            return None
+        return self._credentials.get_frozen_credentials()
+
+    async def get(self) -> Any:
+        """Frozen credentials (access key, secret key, token), valid for one signature."""
+        frozen = self.cached()
+        if frozen is not None:
+            return frozen
+        if self._refreshing is None:
+            future = asyncio.ensure_future(
+                asyncio.to_thread(self._credentials.get_frozen_credentials)
+            )
+            future.add_done_callback(self._refreshed)
+            self._refreshing = future
+        # shielded: a cancelled PUT does not cancel the refresh the others wait for
+        return await asyncio.shield(self._refreshing)
+
+    def _refreshed(self, future: asyncio.Future[Any]) -> None:
+        if self._refreshing is future:
+            self._refreshing = None
+        if not future.cancelled():
+            future.exception()  # retrieved: the waiters (if any are left) re-raise it
 
 
 class S3Putter:
@@ -193,11 +313,13 @@ class S3Putter:
         region: str,
     ) -> None:
         """``prefix`` from :func:`object_url_prefix`; ``credentials`` a botocore
-        credentials object (refreshable ones are refreshed by botocore as needed)."""
+        credentials object (refreshable ones are refreshed in a worker thread, see
+        :class:`FrozenCredentials`)."""
         self.sender = sender
         self._prefix = prefix
+        self._host = http11.host_header(prefix)  # signed and sent: one value
         self._bucket = bucket
-        self._credentials = credentials
+        self._credentials = None if credentials is None else FrozenCredentials(credentials)
         self._signer = SigV4Signer(region)
 
     @classmethod
@@ -213,36 +335,65 @@ class S3Putter:
         )
 
     def signed_headers(
-        self, url: str, body: bytes, md5_hex: str, content_type: str, metadata: dict[str, str]
+        self,
+        url: str,
+        body: bytes,
+        md5_hex: str,
+        content_type: str,
+        metadata: dict[str, str],
+        *,
+        credentials: Any,
     ) -> dict[str, str]:
-        """The request headers, SigV4 signature included (no I/O)."""
+        """The request headers, ``Host`` and SigV4 signature included (no I/O);
+        ``credentials`` are frozen ones (:meth:`FrozenCredentials.get`)."""
         headers = {
+            "Host": self._host,
             "Content-MD5": content_md5(bytes.fromhex(md5_hex)),
             "Content-Type": content_type,
         }
         for name, value in metadata.items():
             headers[f"x-amz-meta-{name}"] = value
-        if self._credentials is None:
-            raise DependencyUnavailable(
-                "s3", "no S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile)"
-            )
-        creds = self._credentials.get_frozen_credentials()
         return self._signer.sign(
             "PUT",
             url,
             headers,
             body,
-            access_key=creds.access_key,
-            secret_key=creds.secret_key,
-            token=creds.token,
+            access_key=credentials.access_key,
+            secret_key=credentials.secret_key,
+            token=credentials.token,
         )
+
+    async def _frozen_credentials(self) -> Any:
+        """The credentials to sign with, waiting for a refresh at most the sender's
+        ``timeout_s`` (the refresh goes on in its thread for the next PUTs)."""
+        if self._credentials is None:
+            raise DependencyUnavailable(
+                "s3", "no S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile)"
+            )
+        frozen = self._credentials.cached()
+        if frozen is not None:  # the common case: no timer, no task
+            return frozen
+        timeout_s = self.sender.timeout_s
+        deadline = asyncio.timeout(timeout_s)
+        try:
+            async with deadline:
+                return await self._credentials.get()
+        except Exception as exc:  # whatever the refresh raised (STS, IMDS, files)
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                raise _deadline_error(exc, timeout_s, DEADLINE_SETTINGS) from None
+            raise DependencyUnavailable(
+                "s3", f"cannot refresh the S3 credentials: {type(exc).__name__}: {exc}"
+            ) from None
 
     async def put(
         self, key: str, body: bytes, md5_hex: str, content_type: str, metadata: dict[str, str]
     ) -> None:
         """PUT ``body`` under ``key``; raises :class:`DependencyUnavailable` on any failure."""
+        credentials = await self._frozen_credentials()
         url = self._prefix + quote(key, safe="/~")
-        headers = self.signed_headers(url, body, md5_hex, content_type, metadata)
+        headers = self.signed_headers(
+            url, body, md5_hex, content_type, metadata, credentials=credentials
+        )
         status, reply = await self.sender.put(url, headers, body)
         if status == 200:
             return

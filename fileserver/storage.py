@@ -5,6 +5,14 @@ a multipart upload (files above the multipart threshold) carries ``Content-MD5``
 each part. botocore errors are translated here into the fileserver error tree: all of
 them are systemic (:class:`DependencyUnavailable`), since no object-store failure
 says anything about the event itself.
+
+Every boto3 call has a deadline of its own (:meth:`ObjectStore.deadline_s`): botocore's
+``connect_timeout`` / ``read_timeout`` bound each socket operation, not the call, so a
+store that accepts and trickles its answer a byte at a time would otherwise hold the
+event (and its executor thread) for as long as it likes. A call past its deadline
+raises :class:`DependencyUnavailable` naming the settings; its thread is left to finish
+on its own (botocore cannot be interrupted), and a multipart upload is aborted in the
+background.
 """
 
 from __future__ import annotations
@@ -22,7 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+)
 
 from fileserver.errors import DependencyUnavailable
 
@@ -33,6 +46,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CONTENT_TYPE = "audio/mpeg"
 FAST_PUT_MAX_BYTES = 1024 * 1024  # read whole into memory for the event-loop putter
+#: The slowest upload a boto3 call waits for, on top of its connect and read timeouts
+#: (a 16 MiB PUT gets 64 s more): bodies take time to send, answers should not.
+MIN_UPLOAD_BYTES_PER_S = 256 * 1024
+_BOTOCORE_DEFAULT_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,13 @@ def s3_errors(bucket: str) -> Iterator[None]:
     except ClientError as exc:
         err = exc.response.get("Error", {})
         raise s3_unavailable(err.get("Code", "?"), err.get("Message", ""), bucket) from None
+    except (ConnectTimeoutError, ReadTimeoutError) as exc:
+        setting = (
+            "FILESERVER_CONNECT_TIMEOUT_S"
+            if isinstance(exc, ConnectTimeoutError)
+            else "FILESERVER_READ_TIMEOUT_S"
+        )
+        raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc} ({setting})") from None
     except BotoCoreError as exc:
         raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
 
@@ -72,6 +96,10 @@ class ObjectStore:
     With a ``putter`` (``FILESERVER_S3_TRANSPORT=aiohttp`` or ``http11``), objects up to
     :data:`FAST_PUT_MAX_BYTES` are PUT on the event loop by
     :class:`~fileserver.s3_put.S3Putter` instead of boto3; the rest is unchanged.
+
+    ``timeout_s``, the deadline of a call without a body, defaults to the client's
+    ``connect_timeout + read_timeout`` (FILESERVER_CONNECT_TIMEOUT_S and
+    FILESERVER_READ_TIMEOUT_S, see ``runtime.make_s3_client``).
     """
 
     def __init__(
@@ -83,6 +111,7 @@ class ObjectStore:
         multipart_threshold: int = 16 * 1024 * 1024,
         chunk_size: int = 8 * 1024 * 1024,
         putter: S3Putter | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self._client = client
         self.bucket = bucket
@@ -90,17 +119,41 @@ class ObjectStore:
         self._threshold = multipart_threshold
         self._chunk = chunk_size
         self._putter = putter
+        self._timeout_s = timeout_s if timeout_s is not None else _client_timeout_s(client)
 
-    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def deadline_s(self, body_bytes: int = 0) -> float:
+        """The most one boto3 call sending ``body_bytes`` may take, queueing for a thread
+        included (a full pool of stuck threads must not stall events either)."""
+        return self._timeout_s + body_bytes / MIN_UPLOAD_BYTES_PER_S
+
+    async def _run(
+        self, what: str, body_bytes: int, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T:
+        """``fn(*args, **kwargs)`` in the executor within :meth:`deadline_s`."""
         loop = asyncio.get_running_loop()
+        deadline_s = self.deadline_s(body_bytes)
+        deadline = asyncio.timeout(deadline_s)
         with s3_errors(self.bucket):
-            return await loop.run_in_executor(
-                self._executor, functools.partial(fn, *args, **kwargs)
-            )
+            try:
+                async with deadline:
+                    return await loop.run_in_executor(
+                        self._executor, functools.partial(fn, *args, **kwargs)
+                    )
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                settings = "FILESERVER_CONNECT_TIMEOUT_S + FILESERVER_READ_TIMEOUT_S"
+                if body_bytes:
+                    settings += f" + 1 s per {MIN_UPLOAD_BYTES_PER_S // 1024} KiB sent"
+                raise DependencyUnavailable(
+                    "s3",
+                    f"{what} on bucket {self.bucket!r}: no complete answer within "
+                    f"{deadline_s:g} s ({settings})",
+                ) from None
 
     async def check_bucket(self) -> None:
         """Raise :class:`DependencyUnavailable` unless the bucket exists and is reachable."""
-        await self._run(self._client.head_bucket, Bucket=self.bucket)
+        await self._run("head_bucket", 0, self._client.head_bucket, Bucket=self.bucket)
 
     async def put_file(
         self, key: str, content: bytes | Path, md5_hex: str, metadata: dict[str, str]
@@ -117,10 +170,10 @@ class ObjectStore:
             body = content if isinstance(content, bytes) else content.read_bytes()
             await self._putter.put(key, body, md5_hex, CONTENT_TYPE, metadata)
         elif size <= self._threshold:
-            await self._run(self._put_single, key, content, md5_hex, metadata)
+            await self._run("put_object", size, self._put_single, key, content, md5_hex, metadata)
         else:
             assert isinstance(content, Path)
-            await self._run(self._put_multipart, key, content, metadata)
+            await self._put_multipart(key, content, size, metadata)
 
     def _put_single(
         self, key: str, content: bytes | Path, md5_hex: str, metadata: dict[str, str]
@@ -138,45 +191,97 @@ class ObjectStore:
                 Metadata=metadata,
             )
 
-    def _put_multipart(self, key: str, path: Path, metadata: dict[str, str]) -> None:
-        upload = self._client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, ContentType=CONTENT_TYPE, Metadata=metadata
+    async def _put_multipart(
+        self, key: str, path: Path, size: int, metadata: dict[str, str]
+    ) -> None:
+        """One boto3 call at a time, each with its own deadline; aborted on any failure."""
+        upload = await self._run(
+            "create_multipart_upload",
+            0,
+            self._client.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            ContentType=CONTENT_TYPE,
+            Metadata=metadata,
         )
-        upload_id = upload["UploadId"]
+        upload_id: str = upload["UploadId"]
         parts: list[dict[str, Any]] = []
         try:
-            with path.open("rb") as f:
-                number = 1
-                while chunk := f.read(self._chunk):
-                    resp = self._client.upload_part(
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=chunk,
-                        ContentMD5=content_md5(hashlib.md5(chunk, usedforsecurity=False).digest()),
-                    )
-                    parts.append({"PartNumber": number, "ETag": resp["ETag"]})
-                    number += 1
-            self._client.complete_multipart_upload(
+            for number, offset in enumerate(range(0, size, self._chunk), start=1):
+                length = min(self._chunk, size - offset)
+                etag = await self._run(
+                    f"upload_part {number}",
+                    length,
+                    self._upload_part,
+                    key,
+                    upload_id,
+                    number,
+                    path,
+                    offset,
+                    length,
+                )
+                parts.append({"PartNumber": number, "ETag": etag})
+            await self._run(
+                "complete_multipart_upload",
+                0,
+                self._client.complete_multipart_upload,
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": parts},
             )
         except BaseException:
-            try:
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except (ClientError, BotoCoreError) as exc:
-                log.warning("could not abort multipart upload of %s: %s", key, exc)
+            self._abort_soon(key, upload_id)
             raise
+
+    def _upload_part(
+        self, key: str, upload_id: str, number: int, path: Path, offset: int, length: int
+    ) -> str:
+        with path.open("rb") as f:
+            f.seek(offset)
+            chunk = f.read(length)
+        resp = self._client.upload_part(
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=chunk,
+            ContentMD5=content_md5(hashlib.md5(chunk, usedforsecurity=False).digest()),
+        )
+        etag: str = resp["ETag"]
+        return etag
+
+    def _abort_soon(self, key: str, upload_id: str) -> None:
+        """Abort the upload in the executor without waiting for it: the store may be what
+        failed, and the event must not wait for it a second time (nor a cancellation)."""
+        try:
+            self._executor.submit(self._abort, key, upload_id)
+        except RuntimeError:  # the executor is shut down: the worker is stopping
+            log.warning("could not abort multipart upload of %s: shutting down", key)
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not abort multipart upload of %s: %s", key, exc)
 
     async def head(self, key: str) -> StoredObject | None:
         """The object's size and metadata, or ``None`` when it does not exist."""
-        return await self._run(self._head, key)
+        return await self._run("head_object", 0, self._head, key)
 
     def _head(self, key: str) -> StoredObject | None:
         return head_object(self._client, self.bucket, key)
+
+
+def _client_timeout_s(client: Any) -> float:
+    """``connect_timeout + read_timeout`` of a boto3 client's config (botocore's
+    defaults when it has none)."""
+    config = getattr(getattr(client, "meta", None), "config", None)
+    total = 0.0
+    for name in ("connect_timeout", "read_timeout"):
+        value = getattr(config, name, None)
+        total += float(value) if isinstance(value, int | float) else _BOTOCORE_DEFAULT_TIMEOUT_S
+    return total
 
 
 def head_object(client: Any, bucket: str, key: str) -> StoredObject | None:
