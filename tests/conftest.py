@@ -24,7 +24,7 @@ from fileserver.devstack.stack import StackConfig, prepare
 
 if TYPE_CHECKING:
     from tests.servers.kafka import KafkaBroker
-    from tests.servers.toxiproxy import Proxy, Toxiproxy
+    from tests.servers.toxiproxy import Proxy, ReservedPort, Toxiproxy
 
 
 @pytest.fixture(scope="session")
@@ -61,13 +61,21 @@ def seaweed(workdir: Path) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def kafka(workdir: Path) -> Iterator[object]:
-    from fileserver.devstack.servers import LOOPBACK, free_port
+def kafka_proxy_port() -> Iterator[ReservedPort]:
+    """The listen port of `kafka_proxy`, held until that proxy takes it."""
+    from tests.servers.toxiproxy import ReservedPort
+
+    with ReservedPort() as reserved:
+        yield reserved
+
+
+@pytest.fixture(scope="session")
+def kafka(workdir: Path, kafka_proxy_port: ReservedPort) -> Iterator[object]:
     from tests.servers.kafka import start_kafka
 
-    # Also a PROXIED listener advertising a port reserved now for `kafka_proxy`: Kafka
-    # clients follow the advertised address, so it has to be fixed before the broker starts.
-    proxied = f"{LOOPBACK}:{free_port()}"
+    # Also a PROXIED listener advertising `kafka_proxy`'s address: Kafka clients follow
+    # the advertised address, so it has to be fixed before the broker starts.
+    proxied = kafka_proxy_port.address
     with start_kafka(workdir / "kafka", proxied_advertised=proxied) as broker:
         yield broker
 
@@ -137,16 +145,17 @@ def toxiproxy(workdir: Path) -> Iterator[Toxiproxy]:
 
 
 @pytest.fixture(scope="session")
-def kafka_proxy(toxiproxy: Toxiproxy, kafka: object) -> Proxy:
+def kafka_proxy(toxiproxy: Toxiproxy, kafka: object, kafka_proxy_port: ReservedPort) -> Proxy:
     """The proxy in front of the broker's PROXIED listener, on the address it advertises.
 
     Session-wide because that address is in the broker's config; ``faulty_stack`` heals it
     (no toxics, enabled) after each test.
     """
     broker = cast("KafkaBroker", kafka)
-    assert broker.proxied_bootstrap and broker.proxied_upstream
+    assert broker.proxied_upstream and broker.proxied_bootstrap == kafka_proxy_port.address
+    kafka_proxy_port.release()
     return toxiproxy.create_proxy(
-        "kafka", upstream=broker.proxied_upstream, listen=broker.proxied_bootstrap
+        "kafka", upstream=broker.proxied_upstream, listen=kafka_proxy_port.address
     )
 
 

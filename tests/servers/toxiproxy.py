@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -318,6 +319,42 @@ class Toxiproxy:
 
 
 # --------------------------------------------------------------------------- server
+
+
+class ReservedPort:
+    """A free loopback port held by a bound (not listening) socket until :meth:`release`.
+
+    For a proxy address that must be known long before the proxy exists (the address a
+    Kafka broker advertises): without SO_REUSEADDR nobody else can bind the port, and
+    ``free_port`` elsewhere skips it, until the proxy is about to take it.
+    """
+
+    def __init__(self) -> None:
+        for _ in range(20):
+            port = free_port()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:  # taken since free_port looked
+                sock.close()
+                continue
+            self.port = port
+            self.address = f"{LOOPBACK}:{port}"
+            self._sock: socket.socket | None = sock
+            return
+        raise RuntimeError("could not reserve a free port on 127.0.0.1")
+
+    def release(self) -> None:
+        """Free the port (idempotent); bind it right after."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> ReservedPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class ToxiproxyServer(ManagedServer):
