@@ -227,9 +227,32 @@ def faulty_stack(
     S3, Postgres and each ``proxy_source`` get proxies of their own, deleted after the
     test; Kafka uses the session's ``kafka_proxy``, healed after the test.
     """
+    yield from _faulty_stack(toxiproxy, kafka_proxy, kafka, seaweed, database_url)
+
+
+@pytest.fixture
+def faulty_stack_3p(
+    toxiproxy: Toxiproxy,
+    kafka_proxy: Proxy,
+    kafka: object,
+    seaweed: object,
+    database_url: str,
+) -> Iterator[FaultyStack]:
+    """The same with a 3-partition events topic."""
+    yield from _faulty_stack(toxiproxy, kafka_proxy, kafka, seaweed, database_url, partitions=3)
+
+
+def _faulty_stack(
+    toxiproxy: Toxiproxy,
+    kafka_proxy: Proxy,
+    kafka: object,
+    seaweed: object,
+    database_url: str,
+    partitions: int = 1,
+) -> Iterator[FaultyStack]:
     from sqlalchemy.engine import make_url
 
-    direct = _stack(kafka, seaweed, database_url)
+    direct = _stack(kafka, seaweed, database_url, partitions=partitions)
     tag = f"t{uuid.uuid4().hex[:8]}"
     created: list[Proxy] = []
     stack: FaultyStack | None = None

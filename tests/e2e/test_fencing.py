@@ -4,7 +4,8 @@ The loss this guards against: a gateway is down, the first events of every parti
 retry while later ones finish, the window fills (``FILESERVER_MAX_PENDING``) and the
 agent waits with one more event E. A rebalance or SIGTERM drains the window and
 abandons the stuck events; E must then be fenced, never run and acked, or faust
-commits E+1 past them and they are gone. Real worker processes, a real group.
+commits E+1 past them and they are gone. Real worker processes, a real group; the
+workers reach Kafka, S3, Postgres and the gateway through Toxiproxy.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from fileserver.devstack.samples import SampleServer, make_mp3, talk_event
 from fileserver.devstack.stack import StackConfig, publish, start_worker
+from tests.conftest import FaultyStack, ProxiedSource
 from tests.helpers import (
     committed_offsets,
     count,
@@ -67,7 +69,15 @@ class Gateway:
         self.up.set()
 
 
-def _publish_heads_behind_gateway(stack: StackConfig, srv: SampleServer) -> list[str]:
+def _proxied(faulty: FaultyStack, srv: SampleServer) -> tuple[StackConfig, ProxiedSource]:
+    """The worker's config: every dependency and the gateway through their proxies."""
+    src = faulty.proxy_source(srv)
+    return faulty.config.with_names(allowed_sources=(src.allowed,)), src
+
+
+def _publish_heads_behind_gateway(
+    stack: StackConfig, srv: SampleServer, src: ProxiedSource
+) -> list[str]:
     clip = make_mp3(0.3)
     urls: list[str] = []
     for p in range(PARTITIONS):
@@ -76,8 +86,8 @@ def _publish_heads_behind_gateway(stack: StackConfig, srv: SampleServer) -> list
             prefix = "/down" if i < STUCK else "/up"
             path = f"{prefix}/room_{p}_user_{i}_{1569569600 + i}.mp3"
             srv.files[path] = clip
-            events.append(talk_event(srv.url(path), uid=i, grp_id=p, timestamp=1569569600 + i))
-            urls.append(srv.url(path))
+            events.append(talk_event(src.url(path), uid=i, grp_id=p, timestamp=1569569600 + i))
+            urls.append(src.url(path))
         asyncio.run(publish(stack.kafka_bootstrap, stack.topic, events, partition=p))
     return urls
 
@@ -116,13 +126,14 @@ def _assert_exactly_once(stack: StackConfig, urls: list[str]) -> None:
 
 
 def test_rebalances_while_a_gateway_is_down_lose_nothing(
-    kafka_stack_3p: StackConfig, sample_server: SampleServer, tmp_path: Path
+    faulty_stack_3p: FaultyStack, sample_server: SampleServer, tmp_path: Path
 ) -> None:
-    stack, srv = kafka_stack_3p, sample_server
+    stack, srv = faulty_stack_3p.direct, sample_server
+    worker_config, src = _proxied(faulty_stack_3p, srv)
     gateway = Gateway(srv)
-    urls = _publish_heads_behind_gateway(stack, srv)
+    urls = _publish_heads_behind_gateway(stack, srv, src)
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = start_worker(stack, log_path=log_a, extra_env=ENV)
+    a = start_worker(worker_config, log_path=log_a, extra_env=ENV)
     b = None
     rebalances = 0
     try:
@@ -133,7 +144,7 @@ def test_rebalances_while_a_gateway_is_down_lose_nothing(
             what=f"progress behind the stuck heads\n{tail(log_a)}",
         )
         for _ in range(2):  # join, leave, join (three rebalances)
-            b = start_worker(stack, log_path=log_b, extra_env=ENV)
+            b = start_worker(worker_config, log_path=log_b, extra_env=ENV)
             wait_until(lambda: _members(stack) == 2, timeout=120, what="B joined")
             rebalances += 1
             _assert_nothing_committed_past_the_stuck_heads(stack, f"rebalance {rebalances}")
@@ -156,15 +167,16 @@ def test_rebalances_while_a_gateway_is_down_lose_nothing(
 
 
 def test_sigterm_while_a_gateway_is_down_loses_nothing(
-    kafka_stack_3p: StackConfig, sample_server: SampleServer, tmp_path: Path
+    faulty_stack_3p: FaultyStack, sample_server: SampleServer, tmp_path: Path
 ) -> None:
-    stack, srv = kafka_stack_3p, sample_server
+    stack, srv = faulty_stack_3p.direct, sample_server
+    worker_config, src = _proxied(faulty_stack_3p, srv)
     gateway = Gateway(srv)
-    urls = _publish_heads_behind_gateway(stack, srv)
+    urls = _publish_heads_behind_gateway(stack, srv, src)
     log = tmp_path / "worker.log"
     for round_ in range(3):
         wanted = gateway.refused + STUCK
-        worker = start_worker(stack, log_path=log, extra_env=ENV)
+        worker = start_worker(worker_config, log_path=log, extra_env=ENV)
         try:
             # the stuck heads of a partition tried again, and the window full behind them
             wait_until(
@@ -180,7 +192,7 @@ def test_sigterm_while_a_gateway_is_down_loses_nothing(
         finally:
             assert stop_process(worker, timeout=60) == 0, tail(log)
         _assert_nothing_committed_past_the_stuck_heads(stack, f"SIGTERM {round_ + 1}")
-    worker = start_worker(stack, log_path=log, extra_env=ENV)
+    worker = start_worker(worker_config, log_path=log, extra_env=ENV)
     try:
         _finish(stack, urls, [log], gateway)
         assert worker.poll() is None
