@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 
 from fileserver.deadletter import DeadLetterSink
@@ -61,6 +61,26 @@ class Health:
         self._ok.set()
         self.reason: str | None = None
         self._listeners: list[Callable[[bool], None]] = []
+        self._trying = 0
+
+    @contextlib.contextmanager
+    def trying(self) -> Iterator[None]:
+        """Around one event's calls to the dependencies. While intake is paused, the
+        events in here are the only ones that can see a dependency come back; when the
+        last of them leaves without having seen it (cancelled by a drain, held by the
+        breaker), intake resumes so that the next event probes the dependency itself
+        (and pauses it again if it is still down). Otherwise the pause would be a latch
+        that nothing can open."""
+        self._trying += 1
+        try:
+            yield
+        finally:
+            self._trying -= 1
+            if not self._trying and not self.ok:
+                log.warning(
+                    "no event is retrying '%s' any more: the next one probes it", self.reason
+                )
+                self.recovered()
 
     @property
     def ok(self) -> bool:
@@ -233,6 +253,10 @@ class Processor:
         retried ``internal_error_attempts`` times in all, then reported as
         ``internal_error``.
         """
+        with self.health.trying():
+            return await self._attempt(record)
+
+    async def _attempt(self, record: SourceRecord) -> Result | PermanentError:
         started = time.monotonic()
         attempt = bugs = 0
         while True:
@@ -307,6 +331,12 @@ class Processor:
         ``payload``); an error that is not an outage is retried like one, with the
         row's detail cut to plain ASCII after the first such error.
         """
+        with self.health.trying():
+            return await self._dead_letter(record, reason, detail, started)
+
+    async def _dead_letter(
+        self, record: SourceRecord, reason: Reason, detail: str, started: float | None
+    ) -> Result:
         detail = storable_text(detail, max_chars=4000)
         attempt = 0
         published = False

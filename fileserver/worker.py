@@ -8,10 +8,11 @@ event (faust-streaming #606) and no exception can escape the ``async for`` (whic
 would ack the event).
 
 Shutdown and rebalance: faust waits for every unacked event before it commits
-(``wait_empty``) on SIGTERM and on partition revocation. :class:`FileserverApp` bounds
-that wait with ``FILESERVER_SHUTDOWN_GRACE_S``: events still running after the grace
-are cancelled and never acked, so faust commits exactly the durable prefix and the
-rest is redelivered (idempotently) to whoever owns the partition next.
+(``wait_empty``) on SIGTERM and on partition revocation. The window's drain bounds that
+wait with ``FILESERVER_SHUTDOWN_GRACE_S`` and ends a generation: events still running
+after the grace are cancelled and never acked, and nothing read under the old generation
+can ack afterwards, so faust commits exactly the durable prefix and the rest is
+redelivered (idempotently) to whoever owns the partition next.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import faust
 
-from fileserver import faust_transport
+from fileserver import faust_private
 from fileserver.acks import OrderedAcks
 from fileserver.processor import Processor
 from fileserver.record import SourceRecord
@@ -161,35 +162,11 @@ class IntakeWindow:
         return len(dropped)
 
 
-class FileserverApp(faust.App):
-    """faust.App whose wait for in-flight events (shutdown, revocation) is bounded, and
-    whose consumer batches its fetches (:mod:`fileserver.faust_transport`)."""
+class FileserverApp(faust_private.PrivateHooks):
+    """faust.App whose wait for in-flight events (shutdown, revocation) is bounded and
+    fenced, and whose consumer batches its fetches (:mod:`fileserver.faust_private`)."""
 
     window: IntakeWindow | None = None
-    shutdown_grace_s: float = 30.0
-    fetch_batching: tuple[int, int] | None = None  # (fetch_min_bytes, fetch_max_wait_ms)
-
-    def _new_transport(self) -> Any:
-        return faust_transport.Transport(self.conf.broker_consumer, self)
-
-    async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
-        """faust waits here for every unacked event (revocation, shutdown). The window's
-        drain runs beside that wait and bounds it; it always runs to its end, because
-        its end is the fence of the generation (see :class:`IntakeWindow`)."""
-        window = self.window
-        if window is None:
-            await super()._consumer_wait_empty(consumer, logger)
-            return
-        drain = asyncio.create_task(window.drain(self.shutdown_grace_s), name="bounded drain")
-        try:
-            await super()._consumer_wait_empty(consumer, logger)
-        finally:
-            await drain
-
-
-def _forget_event(event: Any) -> None:
-    """Let faust stop waiting for an event without acking (committing) it."""
-    event.message.acked = True
 
 
 def _pause_on_outage(app: faust.App) -> Callable[[bool], None]:
@@ -259,7 +236,7 @@ def build_app(settings: Settings) -> FileserverApp:
                 runtime.processor,
                 lambda event: event.ack(),
                 # Abandoned events: no longer wait for them, and record no offset.
-                forget=_forget_event,
+                forget=faust_private.forget_event,
                 concurrency=settings.concurrency,
                 max_pending=settings.max_pending,
             )
