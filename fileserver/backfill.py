@@ -353,6 +353,7 @@ _FROM_OUTCOME = {
     Outcome.DUPLICATE: Kind.ALREADY_PRESENT,
     Outcome.SKIPPED: Kind.SKIPPED,
     Outcome.DEAD_LETTERED: Kind.DEAD_LETTERED,
+    Outcome.ALREADY_FAILED: Kind.ALREADY_FAILED,
 }
 
 LABELS: dict[Kind, str] = {
@@ -780,8 +781,9 @@ class Backfill:
             return Result(Outcome.SKIPPED, record, skipped_type=parsed.msg_type)
         event = parsed
         ingestor = self.runtime.ingestor
-        if await ingestor.already_ingested(event):
-            return Result(Outcome.DUPLICATE, record, event=event)
+        done = await ingestor.already_done(record, event)
+        if done is not None:
+            return Result(done, record, event=event)
         async with self.runtime.fetcher.download(event.file_path) as download:
             ingestor.verify_md5(event, download)
             audio = await ingestor.probe(download)

@@ -39,9 +39,17 @@ if TYPE_CHECKING:
 
 PREFIX = "fileserver"
 STAGES = ("fetch", "probe", "upload", "record")
-OUTCOMES = ("ingested", "duplicate", "skipped", "dead_lettered")
-# Retry labels: the event's own source, the shared dependencies, and bugs.
-DEPENDENCIES = ("source", "s3", "postgres", "dead_letter_topic", "kafka", "unexpected")
+OUTCOMES = ("ingested", "duplicate", "skipped", "dead_lettered", "already_failed")
+# Retry labels: the event's own source, the shared dependencies, bugs, and breaker holds.
+DEPENDENCIES = (
+    "source",
+    "s3",
+    "postgres",
+    "dead_letter_topic",
+    "kafka",
+    "unexpected",
+    "breaker",
+)
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 EVENT_BUCKETS = (*STAGE_BUCKETS, 300, 600, 1800)
 DB_STATEMENTS = ("insert", "lookup")

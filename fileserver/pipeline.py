@@ -2,7 +2,7 @@
 
 :meth:`Ingestor.ingest` is a plain async function made of named steps::
 
-    parse -> already_ingested -> fetch -> verify_md5 -> probe -> check_duration
+    parse -> already_done -> fetch -> verify_md5 -> probe -> check_duration
           -> store -> record
 
 It raises the fileserver error tree and decides nothing about retries or dead
@@ -37,6 +37,9 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"
     SKIPPED = "skipped"
     DEAD_LETTERED = "dead_lettered"
+    #: delivered again after its dead letter was written (its offset was not committed
+    #: yet): the dead letter stands, so the event still ends as exactly one row
+    ALREADY_FAILED = "already_failed"
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,9 @@ class Ingestor:
         if isinstance(parsed, SkippedEvent):
             return Result(Outcome.SKIPPED, record, skipped_type=parsed.msg_type)
         event = parsed
-        if await self.already_ingested(event):
-            return Result(Outcome.DUPLICATE, record, event=event)
+        done = await self.already_done(record, event)
+        if done is not None:
+            return Result(done, record, event=event)
         metrics = self.metrics
         fetching = metrics.stopwatch()
         async with self.fetcher.download(event.file_path) as download:
@@ -96,9 +100,18 @@ class Ingestor:
         outcome = Outcome.INGESTED if inserted else Outcome.DUPLICATE
         return Result(outcome, record, event=event, md5=download.md5, s3_key=key, audio=audio)
 
-    async def already_ingested(self, event: TalkEvent) -> bool:
-        """Whether a row for this source URL exists (redeliveries skip the download)."""
-        return await self.repo.recording_md5(event.file_path) is not None
+    async def already_done(self, record: SourceRecord, event: TalkEvent) -> Outcome | None:
+        """``DUPLICATE`` when a row for this source URL exists (redeliveries skip the
+        download), ``ALREADY_FAILED`` when this position was dead-lettered before (a
+        redelivery must not add a second outcome; ``redrive`` re-runs it on purpose)."""
+        prior = await self.repo.prior_outcome(
+            event.file_path, record.topic, record.partition, record.offset
+        )
+        if prior.md5 is not None:
+            return Outcome.DUPLICATE
+        if prior.failed and not record.redrive:
+            return Outcome.ALREADY_FAILED
+        return None
 
     @staticmethod
     def verify_md5(event: TalkEvent, download: Download) -> None:

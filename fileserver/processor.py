@@ -235,7 +235,7 @@ class Processor:
                 await self.health.wait_ok()
                 outcome = await self.attempt(record)
                 if isinstance(outcome, Result):
-                    if outcome.outcome is not Outcome.SKIPPED:
+                    if outcome.outcome not in (Outcome.SKIPPED, Outcome.ALREADY_FAILED):
                         self.breaker.success()
                     _log_result(outcome, time.monotonic() - started, self.metrics)
                     return outcome

@@ -15,6 +15,9 @@ class SourceRecord:
     value: bytes | None
     key: bytes | None = None
     timestamp_ms: int | None = None
+    #: ``fileserver redrive`` re-running this position's dead letter on purpose; any
+    #: other delivery of a position that already has a failure row ends there.
+    redrive: bool = False
 
     @property
     def source(self) -> str:

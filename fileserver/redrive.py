@@ -50,6 +50,7 @@ def _record(failure: FailureRow) -> SourceRecord:
         partition=failure.kafka_partition,
         offset=failure.kafka_offset,
         value=failure.payload,
+        redrive=True,
     )
 
 

@@ -363,6 +363,36 @@ def _md5_by_urls_statement() -> Any:
 
 _MD5_BY_URLS = _md5_by_urls_statement()
 
+_PRIOR_OUTCOMES = text(
+    """
+    SELECT w.i, r.md5, f.id IS NOT NULL
+    FROM unnest(CAST(:urls AS TEXT[]), CAST(:topics AS TEXT[]),
+                CAST(:partitions AS INTEGER[]), CAST(:offsets AS BIGINT[]))
+         WITH ORDINALITY AS w(url, topic, part, off, i)
+    LEFT JOIN LATERAL (SELECT md5 FROM recordings WHERE source_url = w.url LIMIT 1) AS r
+         ON true
+    LEFT JOIN LATERAL (SELECT id FROM ingest_failures WHERE kafka_topic = w.topic
+                       AND kafka_partition = w.part AND kafka_offset = w.off LIMIT 1) AS f
+         ON true
+    """
+)
+"""One probe of each unique index per event (``recordings.source_url`` and the failure
+row's position), for any number of events, in one statement; lateral ``LIMIT 1``
+subqueries for the same reason as :data:`_MD5_BY_URLS`."""
+
+
+@dataclass(frozen=True)
+class Prior:
+    """What the tables already hold for one event: the md5 of the recording from its
+    source URL, and whether its Kafka position already has a failure row."""
+
+    md5: str | None
+    failed: bool
+
+
+#: (source_url, topic, partition, offset)
+PriorKey = tuple[str, str, int, int]
+
 
 DEFAULT_STATEMENT_TIMEOUT_S = 30.0  # FILESERVER_DB_STATEMENT_TIMEOUT_S's default
 STATEMENT_TIMEOUT_OPTION = "fileserver_statement_timeout_s"  # engine execution option
@@ -658,6 +688,7 @@ class Repository:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._inserts: Coalescer[NewRecording, bool] | None = None
         self._lookups: Coalescer[str, str | None] | None = None
+        self._priors: Coalescer[PriorKey, Prior] | None = None
         self._insert_conn = _HeldConnection(self._autocommit, self._deadline)  # batched inserts
         self._lookup_conn = _HeldConnection(self._autocommit, self._deadline)  # batched look-ups
         if batch_rows > 1:
@@ -670,6 +701,13 @@ class Repository:
             )
             self._lookups = Coalescer(
                 self._recording_md5s,
+                max_items=batch_rows,
+                linger_s=batch_linger_s,
+                on_batch=partial(metrics.db_batch, "lookup"),
+                isolate=_is_row_error,
+            )
+            self._priors = Coalescer(
+                self._prior_outcomes,
                 max_items=batch_rows,
                 linger_s=batch_linger_s,
                 on_batch=partial(metrics.db_batch, "lookup"),
@@ -757,6 +795,37 @@ class Repository:
         )
         found = {str(url): str(md5) for url, md5 in rows}
         return [found.get(url) for url in urls]
+
+    async def prior_outcome(
+        self, source_url: str, topic: str, partition: int, offset: int
+    ) -> Prior:
+        """What is already recorded for the event from ``source_url`` read at that
+        position: the worker's one look-up per event before it downloads anything
+        (batched with concurrent calls when ``batch_rows`` is set)."""
+        key = (source_url, topic, partition, offset)
+        if self._priors is not None:
+            return await self._priors.call(key)
+        (prior,) = await self._prior_outcomes([key])
+        return prior
+
+    async def _prior_outcomes(self, keys: list[PriorKey]) -> list[Prior]:
+        urls, topics, partitions, offsets = zip(*keys, strict=True)
+        rows = await self._execute(
+            _PRIOR_OUTCOMES,
+            write=False,
+            params={
+                "urls": _BinaryArray(urls),
+                "topics": _BinaryArray(topics),
+                "partitions": _BinaryArray(partitions),
+                "offsets": _BinaryArray(offsets),
+            },
+            held=self._lookup_conn,
+        )
+        found = {
+            int(i): Prior(None if md5 is None else str(md5), bool(failed))
+            for i, md5, failed in rows
+        }
+        return [found[i] for i in range(1, len(keys) + 1)]
 
     async def insert_failure(self, row: NewFailure) -> bool:
         """Insert ``row``; ``False`` when that topic/partition/offset already failed."""
