@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -32,10 +32,6 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from fileserver.errors import Reason
 from fileserver.events import SKIPPED_TYPES
-
-if TYPE_CHECKING:
-    from fileserver.fetch import MemoryBudget
-    from fileserver.pipeline import Result
 
 PREFIX = "fileserver"
 STAGES = ("fetch", "probe", "upload", "record")
@@ -60,6 +56,13 @@ LAG_HELP = "Records of an assigned partition after the group's committed offset 
 
 # (topic, partition, lag) for every assigned partition, computed when scraped.
 LagSource = Callable[[], Iterable[tuple[str, int, int]]]
+
+
+class HeldBytes(Protocol):
+    """Bytes of recordings something holds in memory now (a fetcher's memory budget)."""
+
+    @property
+    def held(self) -> int: ...
 
 
 def dependency_label(dependency: str) -> str:
@@ -194,7 +197,7 @@ class Metrics:
         )
         self._is_paused = False
         # Read when scraped: nothing is recorded per chunk; a fetcher's budget leaves with it.
-        self._budgets: weakref.WeakSet[MemoryBudget] = weakref.WeakSet()
+        self._budgets: weakref.WeakSet[HeldBytes] = weakref.WeakSet()
         self.download_memory.set_function(self._memory_held)
         self._lag = _LagCollector()
         r.register(self._lag)
@@ -215,14 +218,21 @@ class Metrics:
 
     # -- recording -------------------------------------------------------------------
 
-    def outcome(self, result: Result, elapsed_s: float | None = None) -> None:
-        """Count one durable outcome (and its end-to-end time when known)."""
-        outcome = result.outcome.value
+    def outcome(
+        self,
+        outcome: str,
+        *,
+        reason: str | None = None,
+        skipped_type: int | None = None,
+        elapsed_s: float | None = None,
+    ) -> None:
+        """Count one durable ``outcome`` (one of :data:`OUTCOMES`): its dead-letter
+        ``reason`` or ``skipped_type`` when it has one, and its end-to-end time when known."""
         self.events.labels(outcome).inc()
-        if result.skipped_type is not None:
-            self.skipped.labels(str(result.skipped_type)).inc()
-        if result.reason is not None:
-            self.dead_letters.labels(result.reason).inc()
+        if skipped_type is not None:
+            self.skipped.labels(str(skipped_type)).inc()
+        if reason is not None:
+            self.dead_letters.labels(reason).inc()
         if elapsed_s is not None:
             self.event_seconds.labels(outcome).observe(max(0.0, elapsed_s))
 
@@ -280,7 +290,7 @@ class Metrics:
         self.in_flight.set_function(lambda: 0.0)
         self.pending.set_function(lambda: 0.0)
 
-    def watch_memory(self, budget: MemoryBudget) -> None:
+    def watch_memory(self, budget: HeldBytes) -> None:
         """Add ``budget``'s bytes held to ``fileserver_download_memory_bytes`` on each
         scrape, for as long as the budget lives (it is held weakly)."""
         self._budgets.add(budget)

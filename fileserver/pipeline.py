@@ -8,23 +8,29 @@
 It raises the fileserver error tree and decides nothing about retries or dead
 letters: that is :class:`fileserver.processor.Processor`'s job. The faust agent, the
 backfill command and the tests all drive this same function.
+
+:class:`Ingestor` calls its adapters through the small Protocols below (what it uses of
+them, nothing more): :class:`~fileserver.fetch.Fetcher`,
+:class:`~fileserver.storage.ObjectStore` and :class:`~fileserver.repository.Repository`
+satisfy them as they are, and tests pass small fakes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
 
 from fileserver.errors import PermanentError, Reason
 from fileserver.events import SkippedEvent, TalkEvent, object_key, parse_event
-from fileserver.fetch import Download, Fetcher
 from fileserver.metrics import Metrics, get_metrics
 from fileserver.probe import AudioInfo, check_duration, probe, probe_bytes
 from fileserver.record import SourceRecord
-from fileserver.repository import NewRecording, Repository
-from fileserver.storage import ObjectStore
+from fileserver.repository import NewRecording, Prior
 
 log = logging.getLogger(__name__)
 INLINE_PROBE_BYTES = 64 * 1024
@@ -40,6 +46,60 @@ class Outcome(StrEnum):
     #: delivered again after its dead letter was written (its offset was not committed
     #: yet): the dead letter stands, so the event still ends as exactly one row
     ALREADY_FAILED = "already_failed"
+
+
+class Fetched(Protocol):
+    """A downloaded recording (:class:`fileserver.fetch.Download`): valid inside its
+    ``download`` block."""
+
+    @property
+    def md5(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def content(self) -> bytes | Path:
+        """The bytes when in memory, else the temporary file holding them."""
+        ...
+
+    @property
+    def url(self) -> str:
+        """The URL it was downloaded from (for messages)."""
+        ...
+
+
+class Downloads(Protocol):
+    """Where recordings come from (:class:`fileserver.fetch.Fetcher`)."""
+
+    def download(self, url: str) -> AbstractAsyncContextManager[Fetched]:
+        """Download ``url``; what it leaves behind is removed when the block exits."""
+        ...
+
+
+class Objects(Protocol):
+    """Where recordings are stored (:class:`fileserver.storage.ObjectStore`)."""
+
+    @property
+    def bucket(self) -> str: ...
+
+    async def put_file(
+        self, key: str, content: bytes | Path, md5_hex: str, metadata: dict[str, str]
+    ) -> None:
+        """Store ``content`` under ``key``, verified against ``md5_hex``."""
+        ...
+
+
+class Recordings(Protocol):
+    """What is recorded about events (:class:`fileserver.repository.Repository`)."""
+
+    async def prior_outcome(
+        self, source_url: str, topic: str, partition: int, offset: int
+    ) -> Prior:
+        """The row from ``source_url``, and whether that position was dead-lettered."""
+        ...
+
+    async def insert_recording(self, row: NewRecording) -> bool:
+        """Insert ``row``; ``False`` when a row with its ``source_url`` exists."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -62,9 +122,9 @@ class Ingestor:
 
     def __init__(
         self,
-        fetcher: Fetcher,
-        store: ObjectStore,
-        repo: Repository,
+        fetcher: Downloads,
+        store: Objects,
+        repo: Recordings,
         *,
         max_duration_s: int,
         metrics: Metrics | None = None,
@@ -114,7 +174,7 @@ class Ingestor:
         return None
 
     @staticmethod
-    def verify_md5(event: TalkEvent, download: Download) -> None:
+    def verify_md5(event: TalkEvent, download: Fetched) -> None:
         """Compare with the sender's md5 when it sent a real digest (not ``"md5"``)."""
         if event.sender_md5 is not None and event.sender_md5 != download.md5:
             raise PermanentError(
@@ -123,7 +183,7 @@ class Ingestor:
             )
 
     @staticmethod
-    async def probe(download: Download) -> AudioInfo:
+    async def probe(download: Fetched) -> AudioInfo:
         """Read the recording as MPEG audio: inline when small (a 9 KB clip takes ~50 µs,
         less than a thread hand-off costs), off the event loop otherwise."""
         content = download.content
@@ -133,7 +193,7 @@ class Ingestor:
             return await asyncio.to_thread(probe_bytes, content, download.url)
         return await asyncio.to_thread(probe, content)
 
-    async def upload(self, event: TalkEvent, download: Download) -> str:
+    async def upload(self, event: TalkEvent, download: Fetched) -> str:
         """Store the file under its deterministic key; returns the key."""
         key = object_key(event, download.md5)
         metadata = {
@@ -149,7 +209,7 @@ class Ingestor:
         self,
         record: SourceRecord,
         event: TalkEvent,
-        download: Download,
+        download: Fetched,
         audio: AudioInfo,
         key: str,
     ) -> bool:

@@ -388,7 +388,12 @@ class Processor:
 
 def _log_result(result: Result, elapsed_s: float | None, metrics: Metrics) -> None:
     """Count the outcome and write its one structured log line (fields for JSON logs)."""
-    metrics.outcome(result, elapsed_s)
+    metrics.outcome(
+        result.outcome.value,
+        reason=result.reason,
+        skipped_type=result.skipped_type,
+        elapsed_s=elapsed_s,
+    )
     record = result.record
     event = result.event or _talk_event(record)
     fields: dict[str, object] = {

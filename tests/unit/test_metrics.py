@@ -167,6 +167,19 @@ async def test_outcomes_are_counted_and_timed_by_kind() -> None:
     assert sample(m, "fileserver_dead_letters_total", reason="invalid_audio") == 0
 
 
+def test_an_outcome_is_recorded_from_plain_values() -> None:
+    m = Metrics(process=False)
+    m.outcome("dead_lettered", reason="md5_mismatch", elapsed_s=0.25)
+    m.outcome("skipped", skipped_type=2)
+    m.outcome("already_failed", elapsed_s=-1.0)  # a clock step back: observed as 0
+    assert sample(m, "fileserver_events_total", outcome="dead_lettered") == 1
+    assert sample(m, "fileserver_dead_letters_total", reason="md5_mismatch") == 1
+    assert sample(m, "fileserver_event_duration_seconds_sum", outcome="dead_lettered") == 0.25
+    assert sample(m, "fileserver_skipped_events_total", msg_type="2") == 1
+    assert sample(m, "fileserver_event_duration_seconds_count", outcome="skipped") == 0
+    assert sample(m, "fileserver_event_duration_seconds_sum", outcome="already_failed") == 0
+
+
 async def test_retries_are_counted_by_dependency() -> None:
     m = Metrics(process=False)
     rec = record()
