@@ -64,3 +64,15 @@ async def test_every_private_touch_point_exists_with_the_signature_read() -> Non
     assert "acked" in Message.__slots__
     # faust's wait_empty drops a message from its wait once `acked` is set (touch point 6)
     assert "message.acked" in inspect.getsource(FaustConsumer._clean_unacked_messages)
+
+
+def test_a_paused_worker_keeps_its_group_membership() -> None:
+    """Intake pauses on purpose (an outage, a full window) and faust then stops polling;
+    past the poll interval aiokafka would leave the group. The worker's interval is
+    Kafka's maximum, so only the heartbeat (session timeout) decides membership."""
+    from fileserver.worker import MAX_POLL_INTERVAL_S, build_app
+
+    app = build_app(Settings(metrics_port=0, allowed_sources=("127.0.0.1",)))
+    assert MAX_POLL_INTERVAL_S == (2**31 - 1) / 1000
+    assert app.conf.broker_max_poll_interval == MAX_POLL_INTERVAL_S
+    assert app.conf.broker_session_timeout == Settings().session_timeout_s
