@@ -8,9 +8,10 @@ What happens to each kind of error:
 ``PermanentError``         dead letter (topic record + ``ingest_failures`` row), done
 ``SourceUnavailable``      retried with backoff for ``FILESERVER_SOURCE_RETRY_S``,
                            then dead letter ``source_unavailable``
-``DependencyUnavailable``  retried with backoff for as long as it takes; the
-                           :class:`Health` turns *degraded* so the worker stops taking
-                           new events; never dead-lettered
+``DependencyUnavailable``  retried with backoff for as long as it takes
+                           (:class:`~fileserver.retry.DependencyRetry`, the one loop
+                           that does); the :class:`Health` turns *degraded* so the
+                           worker stops taking new events; never dead-lettered
 any other exception        a bug: logged with its traceback, retried
                            ``FILESERVER_INTERNAL_ERROR_ATTEMPTS`` times in all, then
                            dead letter ``internal_error`` with a traceback summary (the
@@ -31,15 +32,14 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
 
 from fileserver.deadletter import DeadLetterSink
 from fileserver.errors import (
     PAYLOAD_REASONS,
     BreakerOpen,
-    DependencyUnavailable,
     PermanentError,
     Reason,
-    RetryableError,
     SourceUnavailable,
 )
 from fileserver.events import TalkEvent, parse_event
@@ -47,10 +47,11 @@ from fileserver.metrics import Metrics, get_metrics
 from fileserver.pipeline import Outcome, Result
 from fileserver.record import SourceRecord
 from fileserver.repository import NewFailure, Repository
-from fileserver.retry import RetryPolicy
+from fileserver.retry import DependencyRetry, RetryPolicy
 from fileserver.text import storable_text
 
 log = logging.getLogger("fileserver.events")
+T = TypeVar("T")
 
 
 class Health:
@@ -219,6 +220,10 @@ class Processor:
         self._hold_events = hold
         self._sleep = sleep
         self.metrics = metrics or get_metrics()
+        #: The one loop that waits out a dependency outage (also used by backfill).
+        self.dependencies = DependencyRetry(
+            self._retry, self.health, self.metrics, sleep=lambda delay: self._sleep(delay)
+        )
 
     async def process(
         self, record: SourceRecord, slot: AbstractAsyncContextManager[object] | None = None
@@ -253,52 +258,62 @@ class Processor:
         retried ``internal_error_attempts`` times in all, then reported as
         ``internal_error``.
         """
-        with self.health.trying():
-            return await self._attempt(record)
+        return await self.retrying(record, lambda: self._ingest(record))
 
-    async def _attempt(self, record: SourceRecord) -> Result | PermanentError:
-        started = time.monotonic()
-        attempt = bugs = 0
-        while True:
-            attempt += 1
-            try:
-                result = await self._ingest(record)
-            except PermanentError as exc:
-                return exc
-            except SourceUnavailable as exc:
-                if time.monotonic() - started >= self._source_retry_s:
-                    return PermanentError(
-                        Reason.SOURCE_UNAVAILABLE,
-                        f"gave up after {attempt} attempts in FILESERVER_SOURCE_RETRY_S="
-                        f"{self._source_retry_s:g}s; last error: {exc.detail}",
+    async def retrying(
+        self,
+        record: SourceRecord,
+        step: Callable[[], Awaitable[T]],
+        *,
+        retry_bugs: bool = True,
+    ) -> T | PermanentError:
+        """Run ``step`` (work on ``record``) under the policy of :meth:`attempt`: its value,
+        or the :class:`PermanentError` that ends it. ``retry_bugs=False``: an unexpected
+        exception is raised at once (backfill ``--verify`` reports it as an error)."""
+        with self.health.trying():
+            started = time.monotonic()
+            tries = bugs = 0
+            while True:
+                tries += 1
+                try:
+                    return await self.dependencies.call(step, what=record.source)
+                except PermanentError as exc:
+                    return exc
+                except SourceUnavailable as exc:
+                    if time.monotonic() - started >= self._source_retry_s:
+                        return PermanentError(
+                            Reason.SOURCE_UNAVAILABLE,
+                            f"gave up after {tries} attempts in FILESERVER_SOURCE_RETRY_S="
+                            f"{self._source_retry_s:g}s; last error: {exc.detail}",
+                        )
+                    delay = self._retry.delay(tries, exc.retry_after)
+                    log.info(
+                        "retrying %s in %.2fs (attempt %d): %s", record.source, delay, tries, exc
                     )
-                await self._backoff(record, attempt, exc)
-            except DependencyUnavailable as exc:
-                self.health.degraded(str(exc))
-                await self._backoff(record, attempt, exc)
-            except Exception as exc:  # a bug: bounded retries, then a dead letter
-                bugs += 1
-                self.metrics.retried("unexpected")
-                if bugs >= self._internal_error_attempts:
+                    self.metrics.retried("source")
+                    await self._sleep(delay)
+                except Exception as exc:  # a bug: bounded retries, then a dead letter
+                    if not retry_bugs:
+                        raise
+                    bugs += 1
+                    self.metrics.retried("unexpected")
+                    if bugs >= self._internal_error_attempts:
+                        log.exception(
+                            "unexpected error on %s (attempt %d of "
+                            "FILESERVER_INTERNAL_ERROR_ATTEMPTS=%d): dead-lettering it",
+                            record.source,
+                            bugs,
+                            self._internal_error_attempts,
+                        )
+                        return PermanentError(
+                            Reason.INTERNAL_ERROR,
+                            f"{_bug_summary(exc)}; {bugs} attempts "
+                            f"(FILESERVER_INTERNAL_ERROR_ATTEMPTS={self._internal_error_attempts})",
+                        )
                     log.exception(
-                        "unexpected error on %s (attempt %d of "
-                        "FILESERVER_INTERNAL_ERROR_ATTEMPTS=%d): dead-lettering it",
-                        record.source,
-                        bugs,
-                        self._internal_error_attempts,
+                        "unexpected error on %s (attempt %d), will retry", record.source, bugs
                     )
-                    return PermanentError(
-                        Reason.INTERNAL_ERROR,
-                        f"{_bug_summary(exc)}; {bugs} attempts "
-                        f"(FILESERVER_INTERNAL_ERROR_ATTEMPTS={self._internal_error_attempts})",
-                    )
-                log.exception(
-                    "unexpected error on %s (attempt %d), will retry", record.source, bugs
-                )
-                await self._sleep(self._retry.delay(bugs))
-            else:
-                self.health.recovered()
-                return result
+                    await self._sleep(self._retry.delay(bugs))
 
     async def _hold(self, record: SourceRecord, exc: PermanentError) -> None:
         """The breaker is open: keep the event (uncommitted) and try it again later."""
@@ -313,12 +328,6 @@ class Processor:
             self.breaker.cooldown_s,
         )
         await self._sleep(self.breaker.cooldown_s)
-
-    async def _backoff(self, record: SourceRecord, attempt: int, exc: RetryableError) -> None:
-        delay = self._retry.delay(attempt, exc.retry_after)
-        log.info("retrying %s in %.2fs (attempt %d): %s", record.source, delay, attempt, exc)
-        self.metrics.retried(exc.dependency if isinstance(exc, DependencyUnavailable) else "source")
-        await self._sleep(delay)
 
     async def dead_letter(
         self, record: SourceRecord, reason: Reason, detail: str, *, started: float | None = None
@@ -338,30 +347,31 @@ class Processor:
         self, record: SourceRecord, reason: Reason, detail: str, started: float | None
     ) -> Result:
         detail = storable_text(detail, max_chars=4000)
-        attempt = 0
         published = False
         plain = False
+
+        async def write() -> None:
+            nonlocal published
+            if not await self._repo.has_failure(record.topic, record.partition, record.offset):
+                if not published:
+                    await self._dead_letters.publish(record, reason.value, detail)
+                    published = True
+                await self._repo.insert_failure(
+                    self._failure_row(record, reason, detail, plain=plain)
+                )
+
+        errors = 0
         while True:
-            attempt += 1
             try:
-                if not await self._repo.has_failure(record.topic, record.partition, record.offset):
-                    if not published:
-                        await self._dead_letters.publish(record, reason.value, detail)
-                        published = True
-                    await self._repo.insert_failure(
-                        self._failure_row(record, reason, detail, plain=plain)
-                    )
+                await self.dependencies.call(write, what=f"the dead letter of {record.source}")
                 break
-            except DependencyUnavailable as exc:
-                self.health.degraded(str(exc))
-                await self._backoff(record, attempt, exc)
             except Exception as exc:  # never lose the dead letter: retry, simplest row next
                 log.exception("cannot record the dead letter of %s; retrying", record.source)
+                errors += 1
                 plain = True
                 self.health.degraded(f"dead letter of {record.source}: {type(exc).__name__}")
                 self.metrics.retried("unexpected")
-                await self._sleep(self._retry.delay(attempt))
-        self.health.recovered()
+                await self._sleep(self._retry.delay(errors))
         result = Result(Outcome.DEAD_LETTERED, record, reason=reason.value, detail=detail)
         _log_result(result, None if started is None else time.monotonic() - started, self.metrics)
         return result

@@ -1,13 +1,18 @@
-"""RetryPolicy: exponential backoff with full jitter, capped, Retry-After wins."""
+"""RetryPolicy: exponential backoff with full jitter, capped, Retry-After wins.
+DependencyRetry: the one loop that waits out a dependency outage."""
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from fileserver.retry import RetryPolicy
+from fileserver.errors import DependencyUnavailable, PermanentError, Reason, SourceUnavailable
+from fileserver.processor import Health
+from fileserver.retry import DependencyRetry, RetryPolicy
 
 
 @pytest.fixture
@@ -93,3 +98,103 @@ def test_unusable_retry_after_falls_back_to_backoff(
 ) -> None:
     assert RetryPolicy().delay(3, retry_after) == pytest.approx(0.8)
     assert len(ceilings) == 1
+
+
+# --- DependencyRetry -----------------------------------------------------------------------
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.retries: Counter[str] = Counter()
+
+    def retried(self, dependency: str) -> None:
+        self.retries[dependency] += 1
+
+
+class _Sleeps:
+    def __init__(self, health: Health) -> None:
+        self.health = health
+        self.delays: list[float] = []
+        self.ok_at_sleep: list[bool] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        self.ok_at_sleep.append(self.health.ok)
+
+
+def _retrying(
+    policy: RetryPolicy | None = None,
+) -> tuple[DependencyRetry, Health, _Counter, _Sleeps]:
+    health, counter = Health(), _Counter()
+    sleeps = _Sleeps(health)
+    retry = DependencyRetry(
+        policy or RetryPolicy(initial_s=1.0, max_s=4.0), health, counter, sleep=sleeps
+    )
+    return retry, health, counter, sleeps
+
+
+def _script(*steps: BaseException | str) -> tuple[list[int], Callable[[], Awaitable[str]]]:
+    calls: list[int] = []
+
+    async def call() -> str:
+        step = steps[len(calls)]
+        calls.append(len(calls))
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+    return calls, call
+
+
+async def test_an_outage_is_retried_until_the_call_returns(
+    ceilings: list[tuple[float, float]],
+) -> None:
+    retry, health, counter, sleeps = _retrying()
+    down = [DependencyUnavailable("postgres", "refused")] * 3
+    calls, call = _script(*down, DependencyUnavailable("s3", "SlowDown", retry_after=2.5), "done")
+    assert await retry.call(call, what="a look-up") == "done"
+    assert len(calls) == 5
+    assert sleeps.delays == [1.0, 2.0, 4.0, 2.5], "the policy's backoff; Retry-After wins"
+    assert sleeps.ok_at_sleep == [False] * 4, "degraded while it waits"
+    assert health.ok and health.reason is None, "recovered once the call went through"
+    assert counter.retries == Counter({"postgres": 3, "s3": 1}), "counted per dependency"
+
+
+async def test_health_names_the_dependency_while_it_waits() -> None:
+    retry, health, _, _ = _retrying()
+    reasons: list[str | None] = []
+
+    async def sleep(delay: float) -> None:
+        reasons.append(health.reason)
+
+    retry._sleep = sleep
+    _, call = _script(DependencyUnavailable("postgres", "too many clients"), "ok")
+    await retry.call(call, what="x")
+    assert reasons == ["postgres: too many clients"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SourceUnavailable("HTTP 503"),
+        PermanentError(Reason.SOURCE_NOT_FOUND, "404"),
+        KeyError("a bug"),
+    ],
+)
+async def test_other_exceptions_are_the_callers(error: Exception) -> None:
+    retry, health, counter, sleeps = _retrying()
+    health.degraded("s3: down")  # another call's outage: a failure here says nothing of it
+    calls, call = _script(error, "never")
+    with pytest.raises(type(error)) as caught:
+        await retry.call(call, what="x")
+    assert caught.value is error
+    assert len(calls) == 1 and sleeps.delays == [] and not counter.retries
+    assert not health.ok, "not recovered by a call that did not go through"
+
+
+async def test_a_call_that_goes_through_recovers_health() -> None:
+    retry, health, _, sleeps = _retrying()
+    health.degraded("s3: down")  # e.g. another event's outage: this call reached it
+    _, call = _script("ok")
+    assert await retry.call(call, what="x") == "ok"
+    assert health.ok and sleeps.delays == []
