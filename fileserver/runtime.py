@@ -21,7 +21,6 @@ from aiokafka.helpers import create_ssl_context
 from botocore.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from fileserver import http11
 from fileserver.deadletter import KafkaDeadLetters
 from fileserver.errors import ConfigError, DependencyUnavailable
 from fileserver.fetch import IN_MEMORY_MAX_BYTES, Fetcher, prepare_spool_dir
@@ -29,10 +28,16 @@ from fileserver.pipeline import Ingestor
 from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.repository import Repository
 from fileserver.resolve import system_resolver
-from fileserver.s3_put import AiohttpSender, Http11Sender, S3Putter, Sender, object_url_prefix
 from fileserver.settings import Settings, redact_url
 from fileserver.sources import SourcePolicy
-from fileserver.storage import ObjectStore
+from fileserver.storage import ObjectStore, http11
+from fileserver.storage.s3_put import (
+    AiohttpSender,
+    Http11Sender,
+    S3Putter,
+    Sender,
+    object_url_prefix,
+)
 from fileserver.wires import REQUEST_HEADERS, AiohttpWire, HttpxWire, Wire
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""fileserver.http11's pool against real servers on 127.0.0.1 that misbehave on purpose.
+"""fileserver.storage.http11's pool against real 127.0.0.1 servers that misbehave on purpose.
 
 Each server is an asyncio TCP (or TLS) server whose handler is the test's; it counts the
 connections it accepts, how many are open at once, and the connections the client closed.
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from fileserver.http11 import (
+from fileserver.storage.http11 import (
     ConnectError,
     Pool,
     ProtocolError,

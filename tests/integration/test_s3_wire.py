@@ -36,9 +36,9 @@ from botocore.credentials import Credentials
 
 from fileserver.errors import DependencyUnavailable
 from fileserver.runtime import make_s3_client, make_s3_putter
-from fileserver.s3_put import S3Putter
 from fileserver.settings import Settings
 from fileserver.storage import ObjectStore
+from fileserver.storage.s3_put import S3Putter
 from tests.integration.test_hostile_sources import CA_PEM, GW_TEST_CERT_PEM, GW_TEST_KEY_PEM
 
 ACCESS_KEY, SECRET_KEY, REGION, BUCKET = "AKWIRE", "wire-secret", "us-east-1", "rec"
@@ -293,7 +293,7 @@ async def test_the_host_signed_is_the_host_received(
 async def test_the_double_refuses_a_host_other_than_the_one_signed() -> None:
     """The check above has teeth: a request signed for ``127.0.0.1:80`` and received
     with ``Host: 127.0.0.1`` (what aiohttp sent before the fix) is refused."""
-    from fileserver.s3_put import SigV4Signer
+    from fileserver.storage.s3_put import SigV4Signer
 
     body = b"x"
     headers = SigV4Signer(REGION).sign(
@@ -383,7 +383,9 @@ BOTO3_ERRORS = {
 
 
 @pytest.mark.parametrize("mode", ["silent", "trickle"])
-@pytest.mark.parametrize("call", ["put_object", "multipart", "head_object", "head_bucket"])
+@pytest.mark.parametrize(
+    "call", ["put_object", "multipart", "head_object", "head_bucket", "list_objects", "move"]
+)
 async def test_a_boto3_call_has_a_deadline(call: str, mode: str, tmp_path: Path) -> None:
     path = tmp_path / "big.mp3"
     path.write_bytes(b"\xff" * 1500)
@@ -400,6 +402,10 @@ async def test_a_boto3_call_has_a_deadline(call: str, mode: str, tmp_path: Path)
                 await store.put_file("k.mp3", path, md5, {})
             elif call == "head_object":
                 await store.head("k.mp3")
+            elif call == "list_objects":
+                [o async for o in store.list_objects()]
+            elif call == "move":
+                await store.move("k.mp3", "quarantine/k.mp3")
             else:
                 await store.check_bucket()
         elapsed = time.monotonic() - start

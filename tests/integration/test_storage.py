@@ -14,12 +14,17 @@ import aiohttp
 import boto3
 import pytest
 
-from fileserver import http11
 from fileserver.errors import DependencyUnavailable
 from fileserver.runtime import make_s3_client
-from fileserver.s3_put import AiohttpSender, Http11Sender, S3Putter, Sender, object_url_prefix
 from fileserver.settings import Settings
-from fileserver.storage import FAST_PUT_MAX_BYTES, ObjectStore
+from fileserver.storage import FAST_PUT_MAX_BYTES, ObjectStore, http11
+from fileserver.storage.s3_put import (
+    AiohttpSender,
+    Http11Sender,
+    S3Putter,
+    Sender,
+    object_url_prefix,
+)
 
 MiB = 1024 * 1024
 
@@ -119,6 +124,56 @@ async def test_multipart_upload_is_byte_exact(seaweed: Any, bucket: str, tmp_pat
 
 async def test_head_of_a_missing_object_is_none(seaweed: Any, bucket: str) -> None:
     assert await store(seaweed, bucket).head("nope.mp3") is None
+
+
+async def test_head_gives_the_etag_without_quotes(seaweed: Any, bucket: str) -> None:
+    data = b"some bytes"
+    s = store(seaweed, bucket)
+    await s.put_file("e.mp3", data, _md5(data), {"md5": _md5(data)})
+    head = await s.head("e.mp3")
+    assert head is not None and (head.etag, head.metadata) == (_md5(data), {"md5": _md5(data)})
+
+
+async def test_listing_pages_through_every_object_in_byte_order(seaweed: Any, bucket: str) -> None:
+    keys = ["b/2.mp3", "a/1.mp3", "a/10.mp3", "Z.mp3", "\u00e9.mp3", "a/1.mp3x", "~.mp3"]
+    s3 = client(seaweed)
+    for i, key in enumerate(keys):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x" * i)
+    s = store(seaweed, bucket)
+    listed = [o async for o in s.list_objects(page_size=2)]  # four pages
+    assert [o.key for o in listed] == sorted(keys, key=str.encode)
+    by_key = {o.key: o for o in listed}
+    for i, key in enumerate(keys):
+        assert by_key[key].size == i and by_key[key].etag == _md5(b"x" * i)
+        assert by_key[key].last_modified.tzinfo is not None
+    assert [o async for o in store(seaweed, bucket).list_objects()] == listed
+
+
+async def test_listing_an_empty_bucket_yields_nothing(seaweed: Any, bucket: str) -> None:
+    assert [o async for o in store(seaweed, bucket).list_objects()] == []
+
+
+async def test_listing_a_missing_bucket_is_a_dependency_error(seaweed: Any) -> None:
+    with pytest.raises(DependencyUnavailable, match="NoSuchBucket"):
+        [o async for o in store(seaweed, "no-such-bucket-here").list_objects()]
+
+
+async def test_move_copies_with_metadata_then_deletes(seaweed: Any, bucket: str) -> None:
+    data = b"stray bytes"
+    s = store(seaweed, bucket)
+    await s.put_file("stray.mp3", data, _md5(data), {"md5": _md5(data), "uid": "7"})
+    await s.move("stray.mp3", "quarantine/stray.mp3")
+    assert await s.head("stray.mp3") is None
+    moved = client(seaweed).get_object(Bucket=bucket, Key="quarantine/stray.mp3")
+    assert moved["Body"].read() == data
+    assert moved["Metadata"] == {"md5": _md5(data), "uid": "7"}
+
+
+async def test_moving_a_missing_object_is_a_dependency_error(seaweed: Any, bucket: str) -> None:
+    s = store(seaweed, bucket)
+    with pytest.raises(DependencyUnavailable, match="NoSuchKey"):
+        await s.move("nope.mp3", "quarantine/nope.mp3")
+    assert await s.head("quarantine/nope.mp3") is None
 
 
 async def test_missing_bucket_is_a_dependency_error(seaweed: Any) -> None:

@@ -1,10 +1,10 @@
-"""The HTTP/1.1 response parser and request encoder of fileserver.http11 (no I/O)."""
+"""The HTTP/1.1 response parser and request encoder of fileserver.storage.http11 (no I/O)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fileserver.http11 import (
+from fileserver.storage.http11 import (
     Pool,
     ProtocolError,
     Response,

@@ -21,7 +21,7 @@ from botocore.credentials import (
 )
 
 from fileserver.errors import DependencyUnavailable
-from fileserver.s3_put import FrozenCredentials, S3Putter
+from fileserver.storage.s3_put import FrozenCredentials, S3Putter
 
 
 def now() -> datetime:

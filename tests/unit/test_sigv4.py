@@ -12,8 +12,8 @@ from botocore import auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from fileserver import http11
-from fileserver.s3_put import Http11Sender, S3Putter, SigV4Signer
+from fileserver.storage import http11
+from fileserver.storage.s3_put import Http11Sender, S3Putter, SigV4Signer
 
 NOW = datetime(2026, 11, 28, 3, 4, 5, tzinfo=UTC)
 

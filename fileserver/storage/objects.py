@@ -2,9 +2,11 @@
 
 Every upload is integrity-checked by the store: a single PUT carries ``Content-MD5``;
 a multipart upload (files above the multipart threshold) carries ``Content-MD5`` on
-each part. botocore errors are translated here into the fileserver error tree: all of
-them are systemic (:class:`DependencyUnavailable`), since no object-store failure
-says anything about the event itself.
+each part. botocore errors are translated into the fileserver error tree
+(:func:`~fileserver.storage.base.s3_errors`): all of them are systemic
+(:class:`DependencyUnavailable`), since no object-store failure says anything about the
+event itself. Besides uploads, :class:`ObjectStore` lists the bucket in key order and
+moves objects (``fileserver reconcile``).
 
 Every boto3 call has a deadline of its own (:meth:`ObjectStore.deadline_s`): botocore's
 ``connect_timeout`` / ``read_timeout`` bound each socket operation, not the call, so a
@@ -18,33 +20,30 @@ background.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    ReadTimeoutError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 
 from fileserver.errors import DependencyUnavailable
-
-if TYPE_CHECKING:
-    from fileserver.s3_put import S3Putter
+from fileserver.storage.base import (
+    CONTENT_TYPE,
+    ListedObject,
+    StoredObject,
+    content_md5,
+    etag_value,
+    s3_errors,
+)
+from fileserver.storage.s3_put import S3Putter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CONTENT_TYPE = "audio/mpeg"
 FAST_PUT_MAX_BYTES = 1024 * 1024  # read whole into memory for the event-loop putter
 #: The slowest upload a boto3 call waits for, on top of its connect and read timeouts
 #: (a 16 MiB PUT gets 64 s more): bodies take time to send, answers should not.
@@ -52,50 +51,12 @@ MIN_UPLOAD_BYTES_PER_S = 256 * 1024
 _BOTOCORE_DEFAULT_TIMEOUT_S = 60.0
 
 
-@dataclass(frozen=True)
-class StoredObject:
-    """What the store says about an object."""
-
-    key: str
-    size: int
-    metadata: dict[str, str]
-
-
-def content_md5(digest: bytes) -> str:
-    """The ``Content-MD5`` header value of an md5 digest (base64)."""
-    return base64.b64encode(digest).decode("ascii")
-
-
-def s3_unavailable(code: str, message: str, bucket: str) -> DependencyUnavailable:
-    """The error for an S3 error response, worded alike on every transport."""
-    return DependencyUnavailable("s3", f"{code} on bucket {bucket!r}: {message}")
-
-
-@contextmanager
-def s3_errors(bucket: str) -> Iterator[None]:
-    """Translate botocore errors raised inside the block into :class:`DependencyUnavailable`."""
-    try:
-        yield
-    except ClientError as exc:
-        err = exc.response.get("Error", {})
-        raise s3_unavailable(err.get("Code", "?"), err.get("Message", ""), bucket) from None
-    except (ConnectTimeoutError, ReadTimeoutError) as exc:
-        setting = (
-            "FILESERVER_CONNECT_TIMEOUT_S"
-            if isinstance(exc, ConnectTimeoutError)
-            else "FILESERVER_READ_TIMEOUT_S"
-        )
-        raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc} ({setting})") from None
-    except BotoCoreError as exc:
-        raise DependencyUnavailable("s3", f"{type(exc).__name__}: {exc}") from None
-
-
 class ObjectStore:
     """One bucket, one boto3 client (thread-safe), one bounded thread pool.
 
     With a ``putter`` (``FILESERVER_S3_TRANSPORT=aiohttp`` or ``http11``), objects up to
     :data:`FAST_PUT_MAX_BYTES` are PUT on the event loop by
-    :class:`~fileserver.s3_put.S3Putter` instead of boto3; the rest is unchanged.
+    :class:`~fileserver.storage.s3_put.S3Putter` instead of boto3; the rest is unchanged.
 
     ``timeout_s``, the deadline of a call without a body, defaults to the client's
     ``connect_timeout + read_timeout`` (FILESERVER_CONNECT_TIMEOUT_S and
@@ -266,11 +227,50 @@ class ObjectStore:
             log.warning("could not abort multipart upload of %s: %s", key, exc)
 
     async def head(self, key: str) -> StoredObject | None:
-        """The object's size and metadata, or ``None`` when it does not exist."""
+        """The object's size, ETag and metadata, or ``None`` when it does not exist."""
         return await self._run("head_object", 0, self._head, key)
 
     def _head(self, key: str) -> StoredObject | None:
         return head_object(self._client, self.bucket, key)
+
+    async def list_objects(self, *, page_size: int = 1000) -> AsyncIterator[ListedObject]:
+        """Every object of the bucket in key order (S3 lists in UTF-8 byte order), one
+        ``list_objects_v2`` page at a time, each call with its own deadline."""
+        token: dict[str, str] = {}
+        while True:
+            page: dict[str, Any] = await self._run(
+                "list_objects_v2",
+                0,
+                self._client.list_objects_v2,
+                Bucket=self.bucket,
+                MaxKeys=page_size,
+                **token,
+            )
+            for item in page.get("Contents", []):
+                yield ListedObject(
+                    key=str(item["Key"]),
+                    size=int(item["Size"]),
+                    etag=etag_value(item.get("ETag")),
+                    last_modified=item["LastModified"],
+                )
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": str(page["NextContinuationToken"])}
+
+    async def move(self, key: str, target: str) -> None:
+        """Copy ``key`` to ``target`` (metadata kept), check the copy, delete ``key``."""
+        await self._run(
+            "copy_object",
+            0,
+            self._client.copy_object,
+            Bucket=self.bucket,
+            Key=target,
+            CopySource={"Bucket": self.bucket, "Key": key},
+            MetadataDirective="COPY",
+        )
+        if await self.head(target) is None:
+            raise DependencyUnavailable("s3", f"the copy {target} is not there; kept {key}")
+        await self._run("delete_object", 0, self._client.delete_object, Bucket=self.bucket, Key=key)
 
 
 def _client_timeout_s(client: Any) -> float:
@@ -292,4 +292,9 @@ def head_object(client: Any, bucket: str, key: str) -> StoredObject | None:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
-    return StoredObject(key=key, size=int(resp["ContentLength"]), metadata=resp["Metadata"])
+    return StoredObject(
+        key=key,
+        size=int(resp["ContentLength"]),
+        metadata=resp["Metadata"],
+        etag=etag_value(resp.get("ETag")),
+    )

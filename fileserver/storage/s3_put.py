@@ -6,23 +6,24 @@ keeps botocore for credentials (with their refresh) and for resolving the bucket
 once (endpoint, path or virtual-host addressing), signs each PUT with AWS Signature
 Version 4 itself (:class:`SigV4Signer`, checked against botocore's signer in the unit
 tests) and hands it to a sender: :class:`AiohttpSender` (aiohttp) or
-:class:`Http11Sender` (fileserver's own HTTP/1.1 client, :mod:`fileserver.http11`, about
-half the client CPU per PUT). Only single PUTs of small objects go this way; multipart
-uploads, HEAD and the bucket check stay on boto3 (:class:`fileserver.storage.ObjectStore`).
+:class:`Http11Sender` (fileserver's own HTTP/1.1 client,
+:mod:`fileserver.storage.http11`, about half the client CPU per PUT). Only single PUTs
+of small objects go this way; multipart uploads, HEAD, listing, moves and the bucket
+check stay on boto3 (:class:`fileserver.storage.ObjectStore`).
 
 The request carries the same integrity check as the boto3 path: ``Content-MD5``, which
 the store verifies (``BadDigest`` on a mismatch). Each sender translates its client's
 errors into :class:`~fileserver.errors.DependencyUnavailable`, like
-:func:`fileserver.storage.s3_errors`; :class:`S3Putter` turns error responses into the
-same.
+:func:`fileserver.storage.base.s3_errors`; :class:`S3Putter` turns error responses into
+the same.
 
 Three things keep a PUT from stalling the worker: the Host header is computed once
-(:func:`fileserver.http11.host_header`, as botocore does) and both signed and sent, so a
-``https://host:443`` endpoint signs what the store receives; credentials are read on the
-loop and refreshed in a worker thread (:class:`FrozenCredentials`), since a refresh of
-IRSA/STS/instance-role credentials is a blocking HTTP call; and each sender bounds the
-whole request (connection, upload, response) by ``timeout_s``, naming the settings it
-comes from when it fires.
+(:func:`fileserver.storage.http11.host_header`, as botocore does) and both signed and
+sent, so a ``https://host:443`` endpoint signs what the store receives; credentials are
+read on the loop and refreshed in a worker thread (:class:`FrozenCredentials`), since a
+refresh of IRSA/STS/instance-role credentials is a blocking HTTP call; and each sender
+bounds the whole request (connection, upload, response) by ``timeout_s``, naming the
+settings it comes from when it fires.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
-from fileserver import http11
 from fileserver.errors import DependencyUnavailable
-from fileserver.storage import content_md5, s3_unavailable
+from fileserver.storage import http11
+from fileserver.storage.base import content_md5, s3_unavailable
 
 _PROBE_KEY = "fileserver-probe-key"
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
@@ -54,9 +55,9 @@ class SigV4Signer:
     Signs every header it is given plus ``host``, ``x-amz-date`` and
     ``x-amz-content-sha256`` (the body's SHA-256: the payload is always signed). The
     signing key is derived once per day, secret and region. The signed ``Host`` is the
-    one in ``headers`` or else :func:`fileserver.http11.host_header` of the URL, and it is
-    always in the headers returned: send exactly those, or the store computes another
-    signature (``SignatureDoesNotMatch``).
+    one in ``headers`` or else :func:`fileserver.storage.http11.host_header` of the URL,
+    and it is always in the headers returned: send exactly those, or the store computes
+    another signature (``SignatureDoesNotMatch``).
     """
 
     def __init__(self, region: str, service: str = "s3") -> None:
@@ -203,7 +204,7 @@ class AiohttpSender:
 
 
 class Http11Sender:
-    """PUTs on a :class:`fileserver.http11.Pool` to the bucket's origin."""
+    """PUTs on a :class:`fileserver.storage.http11.Pool` to the bucket's origin."""
 
     def __init__(self, pool: http11.Pool, *, timeout_s: float) -> None:
         self._pool = pool

@@ -1,6 +1,6 @@
 """A small HTTP/1.1 client: one origin, a keep-alive pool of asyncio protocol connections.
 
-It carries the S3 PUTs of ``FILESERVER_S3_TRANSPORT=http11`` (:mod:`fileserver.s3_put`):
+It carries the S3 PUTs of ``FILESERVER_S3_TRANSPORT=http11`` (:mod:`fileserver.storage.s3_put`):
 against SeaweedFS it spends about half the client CPU of aiohttp per PUT (README,
 "Performance"), because it does only what that path needs. Scope, on purpose: one
 origin (scheme, host, port) per :class:`Pool`; a request body already in memory; a
