@@ -36,6 +36,8 @@ HEADER_DETAIL = "fileserver-detail"
 HEADER_SOURCE = "fileserver-source"
 HEADER_TRUNCATED = "fileserver-truncated"
 """Set when the value was cut: the original value's length in bytes (ASCII decimal)."""
+HEADER_KEYLESS = "fileserver-keyless"
+"""Set when the original record had no key: the letter is keyed by its source position."""
 HEADER_KEY_TRUNCATED = "fileserver-key-truncated"
 """Set when the key was cut too (only when the value alone could not make room)."""
 
@@ -145,9 +147,15 @@ class KafkaDeadLetters:
     def letters(self, record: SourceRecord, reason: str, detail: str) -> list[Letter]:
         """The letters to try in turn while the broker answers "too large": fitted to the
         producer's limit, then to :data:`FALLBACK_RECORD_BYTES`, then the smallest one."""
-        # aiokafka needs a key or a value: a keyless tombstone is sent with an empty key
-        key = b"" if record.key is None and record.value is None else record.key
-        original = Letter(key, record.value, dead_letter_headers(record, reason, detail))
+        # A compacted dead-letter topic refuses keyless records on every try (and aiokafka
+        # needs a key or a value): a record without a key is sent keyed by its source
+        # position, unique per event, and says so in a header.
+        headers = dead_letter_headers(record, reason, detail)
+        key = record.key
+        if key is None:
+            key = record.source.encode()
+            headers.append((HEADER_KEYLESS, b"1"))
+        original = Letter(key, record.value, headers)
         tries: list[Letter] = []
         for budget in (self.max_request_size, FALLBACK_RECORD_BYTES, 0):
             letter = fit_letter(original, min(budget, self.max_request_size))

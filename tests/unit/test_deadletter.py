@@ -157,12 +157,17 @@ async def test_a_send_that_never_answers_ends_at_the_deadline() -> None:
     assert "no acknowledgement within 0.2s" in info.value.detail
 
 
-async def test_a_keyless_tombstone_is_sent_with_an_empty_key() -> None:
-    # aiokafka refuses a record with neither key nor value (an assertion)
+async def test_a_keyless_record_is_keyed_by_its_source_position() -> None:
+    # aiokafka refuses a record with neither key nor value (an assertion), and a
+    # compacted dead-letter topic refuses every keyless record
     producer = FakeProducer()
     await sink(producer).publish(SourceRecord("events", 0, 1, None), "malformed_json", "d")
-    [sent] = producer.sent
-    assert sent["value"] is None and sent["key"] == b""
+    await sink(producer).publish(SourceRecord("events", 0, 2, b"x", key=b"k"), "invalid_event", "d")
+    keyless, keyed = producer.sent
+    assert keyless["value"] is None and keyless["key"] == b"events/0/1"
+    assert ("fileserver-keyless", b"1") in keyless["headers"]
+    assert keyed["key"] == b"k"
+    assert all(name != "fileserver-keyless" for name, _ in keyed["headers"])
 
 
 def test_headers_are_bounded_and_storable() -> None:
