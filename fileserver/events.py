@@ -1,4 +1,4 @@
-"""Parsing of the Janus records (see ``shared/docs/message-contract.md``). No I/O.
+"""Parsing of the Janus records (see ``docs/message-contract.md``). No I/O.
 
 Tolerant where the meaning is clear (ids as decimal strings, ``md5`` absent or the
 placeholder ``"md5"``, ``m_type`` absent), strict otherwise: every rejection is a

@@ -119,7 +119,7 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of the worker and the commands; see the README's settings table."""
+    """Every knob of the worker and the commands; see the settings table in docs/operations.md."""
 
     kafka_bootstrap: str = "localhost:9092"
     kafka_security_protocol: str = "PLAINTEXT"
