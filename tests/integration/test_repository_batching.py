@@ -13,10 +13,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from fileserver.db.coalescer import Coalescer
 from fileserver.errors import DependencyUnavailable
 from fileserver.metrics import Metrics
 from fileserver.migrate import upgrade
-from fileserver.repository import Coalescer, NewRecording, Repository
+from fileserver.repository import NewRecording, Repository
 from tests.helpers import count, query
 from tests.integration.test_repository import _row
 
@@ -217,12 +218,12 @@ def test_lookup_plan_probes_the_index_even_when_planned_on_an_empty_table(
     the table was small; it must still probe the unique index, not scan the table."""
     from sqlalchemy.dialects import postgresql
 
-    from fileserver.repository import _MD5_BY_URLS
+    from fileserver.db.statements import MD5_BY_URLS
 
     version = int(query(database_url, "SHOW server_version_num")[0][0])
     assert version >= 160000, f"EXPLAIN (GENERIC_PLAN) needs Postgres 16+, the suite runs {version}"
     upgrade(database_url)
-    sql = str(_MD5_BY_URLS.compile(dialect=postgresql.psycopg.dialect()))
+    sql = str(MD5_BY_URLS.compile(dialect=postgresql.psycopg.dialect()))
     assert "%(urls)s" in sql
     plan = "\n".join(
         str(r[0])

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from fileserver.repository import Coalescer
+from fileserver.db.coalescer import Coalescer
 
 
 async def test_a_caller_retrying_right_after_its_batch_failed_gets_a_new_batch() -> None:

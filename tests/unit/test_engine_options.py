@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fileserver.repository import STATEMENT_TIMEOUT_OPTION, engine_options
+from fileserver.db.deadlines import STATEMENT_TIMEOUT_OPTION, engine_options
 
 URL = "postgresql+psycopg://u@h/db"
 
