@@ -15,12 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "fileserver"
 
 Graph = dict[str, set[str]]
 
-# Loops still being removed by other work (issue 15); delete an entry when its loop is
-# gone. Nothing else belongs here.
-KNOWN: set[tuple[str, ...]] = {
-    # storage <-> s3_put: being removed by the storage/backfill refactor
-    ("fileserver.s3_put", "fileserver.storage"),
-}
+# Loops still being removed by other work; delete an entry when its loop is gone.
+# Nothing else belongs here (empty since the storage package broke storage <-> s3_put).
+KNOWN: set[tuple[str, ...]] = set()
 
 
 def module_name(path: Path, package: Path) -> str:
