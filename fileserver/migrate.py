@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 from importlib.resources import files
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+
+from fileserver.settings import Settings
 
 
 def script_location() -> str:
@@ -34,3 +38,27 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 def downgrade(database_url: str, revision: str) -> None:
     """Downgrade the database to ``revision`` (``base`` drops every table)."""
     command.downgrade(alembic_config(database_url), revision)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``fileserver migrate``."""
+    migrate = sub.add_parser(
+        "migrate",
+        help="upgrade the database schema (same as `alembic upgrade head`)",
+        description="Apply the Alembic migrations to FILESERVER_DATABASE_URL.",
+    )
+    migrate.add_argument(
+        "revision", nargs="?", default="head", help="target revision (default head)"
+    )
+    migrate.add_argument("--downgrade", action="store_true", help="downgrade to REVISION instead")
+    migrate.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Upgrade the database schema (``alembic upgrade head``)."""
+    if args.revision.startswith("-") or args.downgrade:
+        downgrade(settings.database_url, args.revision)
+    else:
+        upgrade(settings.database_url, args.revision)
+    logging.getLogger("fileserver").info("database schema at %s", args.revision)
+    return 0

@@ -19,9 +19,9 @@ import logging
 import sys
 import textwrap
 from collections import Counter
-from dataclasses import dataclass
 from typing import TextIO
 
+from fileserver.cliargs import add_concurrency, parse_time, with_concurrency
 from fileserver.errors import PermanentError
 from fileserver.events import SkippedEvent, parse_event
 from fileserver.pipeline import Result
@@ -34,14 +34,6 @@ log = logging.getLogger("fileserver.redrive")
 
 RECOVERED = "recovered"
 FAILED_AGAIN = "failed_again"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a dry run predicts for one dead letter."""
-
-    failure: FailureRow
-    action: str
 
 
 def _record(failure: FailureRow) -> SourceRecord:
@@ -193,9 +185,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="only dead letters that failed before this time (naive = UTC)",
     )
     p.add_argument("--limit", type=int, default=None, help="at most this many dead letters")
-    p.add_argument(
-        "--concurrency", type=int, default=8, help="dead letters processed at once (default 8)"
-    )
+    add_concurrency(p, "dead letters")
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -206,8 +196,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point of ``fileserver redrive``."""
-    from fileserver.backfill import parse_time
-
     where = FailureFilter(
         reasons=tuple(args.reason),
         topic=args.topic,
@@ -216,6 +204,12 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         until=parse_time(args.until, "--until") if args.until else None,
         limit=args.limit,
     )
+    concurrency = settings.concurrency if args.concurrency is None else max(1, args.concurrency)
     return asyncio.run(
-        run_redrive(settings, where, dry_run=args.dry_run, concurrency=max(1, args.concurrency))
+        run_redrive(
+            with_concurrency(settings, concurrency),
+            where,
+            dry_run=args.dry_run,
+            concurrency=concurrency,
+        )
     )

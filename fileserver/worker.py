@@ -17,9 +17,12 @@ redelivered (idempotently) to whoever owns the partition next.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import logging
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -30,7 +33,7 @@ from fileserver import faust_private
 from fileserver.acks import OrderedAcks
 from fileserver.processor import Processor
 from fileserver.record import SourceRecord
-from fileserver.runtime import faust_broker_credentials, open_runtime
+from fileserver.runtime import faust_broker_credentials, open_runtime, preflight
 from fileserver.settings import Settings
 from fileserver.web import Observability
 
@@ -261,3 +264,62 @@ def build_app(settings: Settings) -> FileserverApp:
                 observability.detach()
 
     return app
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``fileserver worker``."""
+    worker = sub.add_parser(
+        "worker",
+        help="run the ingestion worker (the default container command)",
+        description="Consume FILESERVER_TOPIC as group FILESERVER_GROUP_ID and ingest every "
+        "talk event. Checks the database, bucket and broker first and exits naming the "
+        "setting to fix when one is unreachable.",
+    )
+    worker.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM or partition revocation, how long in-flight events may take to "
+        "finish before they are left for redelivery (default FILESERVER_SHUTDOWN_GRACE_S, 30)",
+    )
+    worker.set_defaults(func=run_command)
+
+
+async def _preflight(settings: Settings) -> None:
+    async with open_runtime(settings) as runtime:
+        await preflight(runtime)
+
+
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the long-lived ingestion worker."""
+    cli_log = logging.getLogger("fileserver")
+    cli_log.info("settings: %s", settings.redacted())
+
+    stop_requested: list[int] = []
+
+    def stop_before_start(signum: int, _frame: object) -> None:
+        stop_requested.append(signum)
+
+    # Until faust installs its own handlers, SIGTERM/SIGINT mean "do not start".
+    signal.signal(signal.SIGTERM, stop_before_start)
+    signal.signal(signal.SIGINT, stop_before_start)
+    asyncio.run(_preflight(settings))
+    if args.shutdown_grace is not None:
+        settings = dataclasses.replace(settings, shutdown_grace_s=args.shutdown_grace)
+    app = build_app(settings)
+
+    # override_logging=False: keep fileserver's handler (JSON lines unless a terminal).
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False)
+    if not worker.stdout.isatty():
+        # faust's start-up spinner writes cursor escapes (ESC[?25h) even when stdout is
+        # not a terminal: they would land in front of a JSON log line.
+        worker.spinner = None
+    if stop_requested:
+        cli_log.info("signal %s before the worker started: exiting", stop_requested[0])
+        return 0
+    worker.execute_from_commandline()
+    return 0

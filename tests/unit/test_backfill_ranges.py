@@ -22,11 +22,11 @@ from fileserver.backfill import (
     Tally,
     build_plan,
     parse_offsets,
-    parse_time,
     select_partitions,
     to_millis,
 )
 from fileserver.cli import build_parser
+from fileserver.cliargs import parse_time
 from fileserver.errors import ConfigError
 
 
