@@ -289,6 +289,15 @@ def test_the_entrypoint_runs_from_the_installed_wheel(installed: Path, database_
         assert command in top
     assert "--shutdown-grace" in run([exe, "worker", "--help"], installed, clean_env()).stdout
     assert "--repair" in run([exe, "reconcile", "--help"], installed, clean_env()).stdout
+    # Every verb's parser comes from its own module: the backfill package is in the wheel,
+    # and dev's parser loads without the dev dependencies (which the wheel does not have).
+    for command, option in (
+        ("backfill", "--from-offset"),
+        ("redrive", "--reason"),
+        ("dev", "--samples"),
+    ):
+        assert command in top
+        assert option in run([exe, command, "--help"], installed, clean_env()).stdout
 
     # The migrations ship inside the wheel (fileserver._migrations).
     env = clean_env(FILESERVER_DATABASE_URL=database_url)
