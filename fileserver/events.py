@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fileserver.errors import PermanentError, Reason
+from fileserver.layout import object_key as object_key  # re-exported: its home is layout
 
 TALK = 1
 SKIPPED_TYPES = {2: "signal", 3: "quality"}
@@ -177,18 +178,4 @@ def _talk_event(doc: dict[str, Any]) -> TalkEvent:
         timestamp=_integer(ptt.get("timestamp"), "ptt_msg.timestamp", maximum=MAX_TIMESTAMP),
         sender_md5=sender_md5,
         source_ip=source_ip,
-    )
-
-
-def object_key(event: TalkEvent, md5: str) -> str:
-    """The deterministic S3 key of a recording, built only from validated fields.
-
-    Layout: ``<grp_id>/<uid>/<YYYY>/<MM>/<DD>/<unix seconds>-<md5>.mp3`` (UTC date).
-    """
-    if not _HEX32.fullmatch(md5):
-        raise ValueError(f"md5 must be 32 hex digits, got {md5!r}")
-    t = event.event_time
-    return (
-        f"{event.grp_id}/{event.uid}/{t.year:04d}/{t.month:02d}/{t.day:02d}/"
-        f"{event.timestamp}-{md5.lower()}.mp3"
     )

@@ -27,7 +27,13 @@ class Recording(Base):
     """One ingested talk burst: its object in S3 and what we know about it."""
 
     __tablename__ = "recordings"
-    __table_args__ = (UniqueConstraint("source_url", name="uq_recordings_source_url"),)
+    __table_args__ = (
+        UniqueConstraint("source_url", name="uq_recordings_source_url"),
+        # The order ``reconcile`` reads a bucket's rows in (the order S3 lists keys, then
+        # id): each batch of its keyset scan is an index range scan, not a sort of all
+        # the bucket's rows (migration 0002).
+        Index("ix_recordings_bucket_key", "s3_bucket", "s3_key", "id"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     uid: Mapped[int] = mapped_column(BigInteger)
@@ -43,7 +49,8 @@ class Recording(Base):
     sample_rate: Mapped[int] = mapped_column(Integer)
     channels: Mapped[int] = mapped_column(SmallInteger)
     s3_bucket: Mapped[str] = mapped_column(Text)
-    s3_key: Mapped[str] = mapped_column(Text)
+    # An S3 key is compared byte by byte (S3's order): collation "C" (migration 0002).
+    s3_key: Mapped[str] = mapped_column(Text(collation="C"))
     kafka_topic: Mapped[str] = mapped_column(Text)
     kafka_partition: Mapped[int] = mapped_column(Integer)
     kafka_offset: Mapped[int] = mapped_column(BigInteger)

@@ -22,7 +22,7 @@ re-exported (``__all__``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -48,6 +48,7 @@ from fileserver.db.rows import (
     NewRecording,
     Prior,
     PriorKey,
+    RecordingRef,
     StoredRow,
 )
 from fileserver.db.statements import (
@@ -57,6 +58,7 @@ from fileserver.db.statements import (
     RECORDING_COLUMNS,
     BinaryArray,
     recording_values,
+    recordings_by_key_statement,
 )
 from fileserver.errors import DependencyUnavailable
 from fileserver.metrics import Metrics, get_metrics
@@ -73,12 +75,15 @@ __all__ = [
     "NewRecording",
     "Prior",
     "PriorKey",
+    "RecordingRef",
     "Repository",
     "StoredRow",
     "engine_options",
 ]
 
 LOOKUP_BATCH = 1000
+#: Rows per statement of :meth:`Repository.recordings_by_key`.
+ROW_BATCH = 1000
 
 # The former private names of the batched statements (bench/repository_speed.py).
 _BinaryArray = BinaryArray
@@ -339,6 +344,49 @@ class Repository:
             return None
         md5, size, bucket, key = rows[0]
         return StoredRow(str(md5).strip(), int(size), str(bucket), str(key))
+
+    async def recordings_by_key(
+        self, bucket: str, *, batch_rows: int = ROW_BATCH
+    ) -> AsyncIterator[RecordingRef]:
+        """Every row of ``bucket`` in the order S3 lists keys: ``s3_key`` in byte order
+        (``COLLATE "C"``), then ``id``.
+
+        Keyset pagination: each batch of ``batch_rows`` is one short statement
+        (autocommit, within the statement timeout) that starts after the last row of the
+        previous one and reads the index ``ix_recordings_bucket_key`` in order, so no
+        transaction, snapshot or connection is held across the scan, whatever its size.
+        A row inserted or deleted during the scan is seen or not depending on where the
+        scan is: callers re-check what they find."""
+        after: tuple[str, int] | None = None
+        while True:
+            rows = await self._execute(
+                recordings_by_key_statement(bucket, batch_rows, after), write=False
+            )
+            for r in rows:
+                yield RecordingRef(
+                    id=int(r.id),
+                    source_url=str(r.source_url),
+                    md5=str(r.md5).strip().lower(),
+                    size_bytes=int(r.size_bytes),
+                    uid=int(r.uid),
+                    grp_id=int(r.grp_id),
+                    event_time=r.event_time,
+                    s3_bucket=bucket,
+                    s3_key=str(r.s3_key),
+                )
+            if len(rows) < batch_rows:
+                return
+            after = (str(rows[-1].s3_key), int(rows[-1].id))
+
+    async def count_recordings_at(self, bucket: str, key: str) -> int:
+        """How many rows point at ``key`` in ``bucket``."""
+        rows = await self._execute(
+            select(func.count())
+            .select_from(Recording)
+            .where(Recording.s3_bucket == bucket, Recording.s3_key == key),
+            write=False,
+        )
+        return int(rows[0][0])
 
     async def failed_positions(
         self, topic: str, positions: Iterable[tuple[int, int]]

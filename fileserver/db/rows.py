@@ -73,6 +73,22 @@ class StoredRow:
 
 
 @dataclass(frozen=True)
+class RecordingRef:
+    """What a ``recordings`` row says about its object: where it is, what it holds and
+    what it was stored with (``reconcile``; ``md5`` in lower case)."""
+
+    id: int
+    source_url: str
+    md5: str
+    size_bytes: int
+    uid: int
+    grp_id: int
+    event_time: datetime
+    s3_bucket: str
+    s3_key: str
+
+
+@dataclass(frozen=True)
 class Prior:
     """What the tables already hold for one event: the md5 of the recording from its
     source URL, and whether its Kafka position already has a failure row."""

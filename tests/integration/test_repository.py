@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -130,3 +131,64 @@ async def test_unreachable_database_is_a_dependency_error() -> None:
     with pytest.raises(DependencyUnavailable, match="postgres"):
         await Repository(engine).ping()
     await engine.dispose()
+
+
+def _at(key: str, n: int, bucket: str = "b") -> NewRecording:
+    return replace(_row(f"http://h/{n}.mp3", n), s3_bucket=bucket, s3_key=key, md5="AB" * 16)
+
+
+# Keys whose byte order (the order S3 lists them in) differs from a linguistic
+# collation's: upper case first, '.' before '0', a prefix before its extensions,
+# multi-byte UTF-8 last.
+KEYS = ["a/10.mp3", "é.mp3", "Z.mp3", "a/1.mp3x", "a/1.mp3", "~.mp3", "a/1.mp3", "B.mp3"]
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 3, 1000])
+async def test_recordings_by_key_in_byte_order_across_batches(
+    repo: Repository, batch_rows: int
+) -> None:
+    for n, key in enumerate(KEYS):
+        await repo.insert_recording(_at(key, n))
+    await repo.insert_recording(_at("a/1.mp3", 99, bucket="other"))
+    refs = [r async for r in repo.recordings_by_key("b", batch_rows=batch_rows)]
+    assert [r.s3_key for r in refs] == sorted(KEYS, key=str.encode)
+    assert [r.source_url for r in refs if r.s3_key == "a/1.mp3"] == [
+        "http://h/4.mp3",
+        "http://h/6.mp3",
+    ]  # the same key twice: by id
+    first = refs[0]
+    assert (first.md5, first.size_bytes, first.uid, first.grp_id, first.s3_bucket) == (
+        "ab" * 16,
+        10,
+        14,
+        1,
+        "b",
+    )
+    assert first.event_time == datetime(2019, 9, 27, 7, 34, 57, tzinfo=UTC)
+    assert [r async for r in repo.recordings_by_key("none", batch_rows=batch_rows)] == []
+    assert await repo.count_recordings_at("b", "a/1.mp3") == 2
+    assert await repo.count_recordings_at("other", "a/1.mp3") == 1
+    assert await repo.count_recordings_at("b", "nope") == 0
+
+
+def test_the_keyset_batch_reads_the_index_in_order(database_url: str) -> None:
+    """Each batch is an index range scan in the scan's order, never a sort of the
+    bucket's rows (the query's ``COLLATE "C"`` is the column's and the index's)."""
+    from sqlalchemy.dialects import postgresql
+
+    from fileserver.db.statements import recordings_by_key_statement
+
+    upgrade(database_url)
+    stmt = recordings_by_key_statement("b", 1000, ("k", 5))
+    sql = str(
+        stmt.compile(dialect=postgresql.psycopg.dialect(), compile_kwargs={"literal_binds": True})
+    )
+    assert 'COLLATE "C"' in sql
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql))
+    finally:
+        engine.dispose()
+    assert "ix_recordings_bucket_key" in plan and "Sort" not in plan, plan
