@@ -19,7 +19,7 @@ DESCRIPTION = """\
 fileserver ingests push-to-talk recordings: it reads Janus events from Kafka,
 downloads each talk burst's .mp3, verifies it, stores it in S3 and records its
 metadata in Postgres. Settings come from FILESERVER_* environment variables
-(see the README's settings table)."""
+(see the settings table in docs/operations.md)."""
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:

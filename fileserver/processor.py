@@ -124,16 +124,22 @@ class DeadLetterLimit:
     404s or HTML error pages for everything, a gateway missing from the allowlist) and
     dead-lettering the rest of the topic would only move the damage. The breaker then
     *opens*: further events that fail for that reason are held (not dead-lettered, not
-    committed) and retried every ``cooldown_s``; the first success closes it.
+    committed) and retried every ``cooldown_s``; the first success closes it. A hold is
+    bounded: an event still failing after ``max_hold_s`` of holding is dead-lettered all
+    the same, so a cause nobody fixes (a range purged at the gateway) delays events
+    instead of stalling the partition behind a window full of held ones for ever.
 
     Only reasons a retry can fix count: a failure decided by the record's bytes
     (:data:`~fileserver.errors.PAYLOAD_REASONS`) is always dead-lettered and neither
     counts nor resets the run. ``max_consecutive=0`` disables the breaker.
     """
 
-    def __init__(self, max_consecutive: int = 100, cooldown_s: float = 60.0) -> None:
+    def __init__(
+        self, max_consecutive: int = 100, cooldown_s: float = 60.0, max_hold_s: float = 900.0
+    ) -> None:
         self.max_consecutive = max_consecutive
         self.cooldown_s = cooldown_s
+        self.max_hold_s = max_hold_s
         self._reason: str | None = None
         self._count = 0
 
@@ -235,6 +241,7 @@ class Processor:
         places of events that can still succeed.
         """
         started = time.monotonic()
+        held_since: float | None = None
         while True:
             async with slot or contextlib.nullcontext():
                 await self.health.wait_ok()
@@ -248,6 +255,15 @@ class Processor:
                     return await self.dead_letter(
                         record, outcome.reason, outcome.detail, started=started
                     )
+                now = time.monotonic()
+                held_since = now if held_since is None else held_since
+                if now - held_since >= self.breaker.max_hold_s:
+                    detail = (
+                        f"{outcome.detail}; held {now - held_since:.0f}s by the open "
+                        "dead-letter breaker "
+                        f"(FILESERVER_DLQ_BREAKER_MAX_HOLD_S={self.breaker.max_hold_s:g})"
+                    )
+                    return await self.dead_letter(record, outcome.reason, detail, started=started)
             await self._hold(record, outcome)
 
     async def attempt(self, record: SourceRecord) -> Result | PermanentError:

@@ -321,7 +321,11 @@ async def open_runtime(settings: Settings, *, hold: bool = True) -> AsyncIterato
             source_retry_s=settings.source_retry_s,
             internal_error_attempts=settings.internal_error_attempts,
             health=health,
-            breaker=DeadLetterLimit(settings.dlq_max_consecutive, settings.dlq_breaker_cooldown_s),
+            breaker=DeadLetterLimit(
+                settings.dlq_max_consecutive,
+                settings.dlq_breaker_cooldown_s,
+                settings.dlq_breaker_max_hold_s,
+            ),
             hold=hold,
         )
         yield Runtime(

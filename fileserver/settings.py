@@ -146,6 +146,7 @@ class Settings:
     source_retry_s: float = 300.0
     dlq_max_consecutive: int = 100
     dlq_breaker_cooldown_s: float = 60.0
+    dlq_breaker_max_hold_s: float = 900.0
     shutdown_grace_s: float = 30.0
     concurrency: int = 192
     max_pending: int = 4096
@@ -210,6 +211,7 @@ class Settings:
             dlq_breaker_cooldown_s=_float(
                 e, "DLQ_BREAKER_COOLDOWN_S", d.dlq_breaker_cooldown_s, 0.1
             ),
+            dlq_breaker_max_hold_s=_float(e, "DLQ_BREAKER_MAX_HOLD_S", d.dlq_breaker_max_hold_s),
             shutdown_grace_s=_float(e, "SHUTDOWN_GRACE_S", d.shutdown_grace_s),
             concurrency=_int(e, "CONCURRENCY", d.concurrency, 1),
             max_pending=_int(e, "MAX_PENDING", d.max_pending, 1),

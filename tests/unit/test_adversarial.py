@@ -171,3 +171,50 @@ async def test_a_held_event_after_a_dependency_blip_does_not_wait_for_health_for
         f"event b is stuck for good: held, then waiting in health.wait_ok() with "
         f"health.ok={health_ok} and nothing left that could clear it"
     )
+
+
+async def test_a_long_run_of_genuine_404s_does_not_stall_the_worker_for_good() -> None:
+    """A range of recordings was purged at the gateway (or the group was reset to an old
+    offset the gateway no longer keeps): a run of events answers 404 for good, longer
+    than FILESERVER_DLQ_MAX_CONSECUTIVE + FILESERVER_MAX_PENDING (here 3 + 4; 100 + 4096
+    by default), followed by healthy events.
+
+    Promise: a poison record becomes a dead letter, never an endless retry; the worker
+    never stalls for good. Before FILESERVER_DLQ_BREAKER_MAX_HOLD_S the breaker held
+    every 404 after the 3rd for ever: held events filled the window, the agent's
+    ``submit`` waited for room that never came, no healthy event was read again and the
+    breaker (closed only by a success) stayed open.
+    """
+    bad = set(range(10))  # offsets 0..9 answer 404 for good; 10.. are healthy
+
+    async def ingest(record: SourceRecord) -> Result:
+        if record.offset in bad:
+            raise PermanentError(Reason.SOURCE_NOT_FOUND, "404 Not Found")
+        return Result(Outcome.INGESTED, record)
+
+    repo, sink = FakeRepo(), FakeSink()
+    processor = Processor(
+        ingest,
+        cast(Repository, repo),
+        cast(DeadLetterSink, sink),
+        source_retry_s=60,
+        retry=FAST,
+        breaker=DeadLetterLimit(max_consecutive=3, cooldown_s=0.05, max_hold_s=0.3),
+    )
+    acked: list[int] = []
+    window = IntakeWindow(processor, acked.append, concurrency=2, max_pending=4)
+
+    async def agent() -> None:  # the faust agent's loop: one submit per record, in order
+        for offset in range(14):
+            await window.submit("p0", SourceRecord("events", 0, offset, TALK), offset)
+
+    reader = asyncio.create_task(agent())
+    done = await _until(lambda: len(acked) == 14, timeout=5.0)
+    reader.cancel()
+    stuck = window.pending
+    await window.abandon()
+    assert done, (
+        f"the worker stalled for good: acked {acked}, {stuck} events held in the window, "
+        f"dead letters {len(repo.rows)}, breaker open={processor.breaker.open}; the healthy "
+        "offsets 10..13 were never read"
+    )
