@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Protocol
 
 from fileserver.errors import PermanentError, Reason
-from fileserver.events import SkippedEvent, TalkEvent, object_key, parse_event
+from fileserver.events import SkippedEvent, TalkEvent, parse_event
+from fileserver.layout import object_key, object_metadata
 from fileserver.metrics import Metrics, get_metrics
 from fileserver.probe import AudioInfo, check_duration, probe, probe_bytes
 from fileserver.record import SourceRecord
@@ -194,14 +195,12 @@ class Ingestor:
         return await asyncio.to_thread(probe, content)
 
     async def upload(self, event: TalkEvent, download: Fetched) -> str:
-        """Store the file under its deterministic key; returns the key."""
+        """Store the file under its deterministic key (:mod:`fileserver.layout`); returns
+        the key."""
         key = object_key(event, download.md5)
-        metadata = {
-            "uid": str(event.uid),
-            "grp-id": str(event.grp_id),
-            "md5": download.md5,
-            "event-time": str(event.timestamp),
-        }
+        metadata = object_metadata(
+            uid=event.uid, grp_id=event.grp_id, md5=download.md5, timestamp=event.timestamp
+        )
         await self.store.put_file(key, download.content, download.md5, metadata)
         return key
 
