@@ -1,14 +1,15 @@
 """``fileserver reconcile``: compare the bucket with the ``recordings`` table.
 
 Both sides are read in key order and merged, so memory stays flat whatever their size:
-the bucket with a ``list_objects_v2`` paginator, the table with a server-side cursor
-ordered by ``s3_key`` in byte order (``COLLATE "C"``, the order S3 lists keys in). It
-reports
+the bucket page by page (``ObjectStore.list_objects``), the table in short keyset
+batches ordered by ``s3_key`` in byte order, the order S3 lists keys in
+(``Repository.recordings_by_key``). It reports
 
 * ``missing_object``: a row whose object is not in the bucket,
-* ``size_mismatch`` / ``md5_mismatch``: a row whose object's size or md5 differs (the
-  md5 is the ETag when that is the object's md5, else the ``md5`` metadata the worker
-  wrote, read with one HEAD),
+* ``size_mismatch`` / ``md5_mismatch``: a row whose object's size or md5 differs, as
+  :func:`fileserver.layout.judge` rules (the md5 is the ETag when that is the object's
+  md5, else the ``md5`` metadata the worker wrote, read with one HEAD; an object with
+  neither has an unknown md5, which is never a match),
 * ``orphan_object``: an object no row points to. Objects younger than ``min_age_s``
   are not judged (the worker uploads before it inserts the row), nor are objects under
   the quarantine prefix.
@@ -18,9 +19,14 @@ an event ingested during the scan is not a false alarm.
 
 Read-only by default. With ``repair=True`` a row's object is re-downloaded from the
 row's ``source_url`` through the worker's own fetcher (source allowlist, size cap) and
-stored again under the row's key only if its md5 and size equal the row's; a source
+stored again under the row's key only if its md5 and size equal the row's
+(:func:`fileserver.repair.restore_object`, as ``backfill --verify`` does); a source
 that is gone or now serves other bytes is reported as unrepairable. Orphans are moved
 (copy, verify, delete) under the quarantine prefix.
+
+Storage and database go through the adapters every command uses (:class:`ObjectStore`,
+:class:`Repository`), checked first by the worker's preflight checks
+(:mod:`fileserver.preflight`).
 """
 
 from __future__ import annotations
@@ -31,29 +37,28 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
-
-from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from typing import Any, TextIO, TypeVar
 
 from fileserver.errors import ConfigError, DependencyUnavailable, PermanentError, RetryableError
-from fileserver.models import Recording
+from fileserver.layout import Verdict, declared_md5, judge
+from fileserver.pipeline import Downloads
+from fileserver.preflight import check_stores
+from fileserver.repair import Restored, Store, Wanted, restore_object
+from fileserver.repository import RecordingRef, Repository
 from fileserver.settings import Settings
-from fileserver.storage import head_object, s3_errors
-
-if TYPE_CHECKING:
-    from fileserver.runtime import Runtime
+from fileserver.storage import ListedObject, ObjectStore
 
 T = TypeVar("T")
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_QUARANTINE_PREFIX = "quarantine/"
 DEFAULT_MIN_AGE_S = 3600.0
-ROW_BATCH = 1000
+#: Objects per listing page, and rows per statement.
+BATCH = 1000
 
 
 class Kind(StrEnum):
@@ -71,30 +76,6 @@ class Repair(StrEnum):
     REPAIRED = "repaired"
     QUARANTINED = "quarantined"
     UNREPAIRABLE = "unrepairable"
-
-
-@dataclass(frozen=True)
-class RowRef:
-    """The columns of a ``recordings`` row that reconcile needs."""
-
-    id: int
-    s3_key: str
-    source_url: str
-    md5: str
-    size_bytes: int
-    uid: int
-    grp_id: int
-    event_time: datetime
-
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """One listed object."""
-
-    key: str
-    size: int
-    etag: str
-    last_modified: datetime
 
 
 @dataclass
@@ -239,138 +220,18 @@ class Progress:
             self._stream.flush()
 
 
-def _db_error(exc: BaseException) -> DependencyUnavailable:
-    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
-    return DependencyUnavailable("postgres", detail)
-
-
-class Bucket:
-    """The S3 calls reconcile makes, off the event loop, with errors translated."""
-
-    def __init__(self, client: Any, bucket: str) -> None:
-        self._client = client
-        self.name = bucket
-
-    async def _call(self, fn: Callable[..., T], **kwargs: Any) -> T:
-        return await self._thread(fn, Bucket=self.name, **kwargs)
-
-    async def _thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with s3_errors(self.name):
-            return await asyncio.to_thread(fn, *args, **kwargs)
-
-    async def check(self) -> None:
-        await self._call(self._client.head_bucket)
-
-    async def objects(self) -> AsyncIterator[ObjectRef]:
-        """Every object in key order (checked: the merge depends on it)."""
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.name, PaginationConfig={"PageSize": 1000}
-        )
-        iterator = iter(pages)
-        previous: str | None = None
-        while True:
-            page: dict[str, Any] | None = await self._thread(next, iterator, None)
-            if page is None:
-                return
-            for item in page.get("Contents", []):
-                key = str(item["Key"])
-                if previous is not None and key.encode() <= previous.encode():
-                    raise RuntimeError(f"the bucket listed {key!r} after {previous!r}")
-                previous = key
-                yield ObjectRef(
-                    key=key,
-                    size=int(item["Size"]),
-                    etag=str(item.get("ETag", "")).strip('"').lower(),
-                    last_modified=item["LastModified"],
-                )
-
-    async def head(self, key: str) -> tuple[int, str | None] | None:
-        """``(size, md5 metadata)`` of ``key``, or ``None`` when it does not exist."""
-        stored = await self._thread(head_object, self._client, self.name, key)
-        if stored is None:
-            return None
-        md5 = stored.metadata.get("md5")
-        return stored.size, (str(md5).lower() if md5 else None)
-
-    async def move(self, key: str, target: str) -> None:
-        """Copy ``key`` to ``target``, check the copy, delete ``key``."""
-        await self._call(
-            self._client.copy_object,
-            Key=target,
-            CopySource={"Bucket": self.name, "Key": key},
-            MetadataDirective="COPY",
-        )
-        if await self.head(target) is None:
-            raise DependencyUnavailable("s3", f"the copy {target} is not there; kept {key}")
-        await self._call(self._client.delete_object, Key=key)
-
-
-class Table:
-    """The ``recordings`` rows of one bucket, in key order."""
-
-    def __init__(self, engine: AsyncEngine, bucket: str) -> None:
-        self._engine = engine
-        self._bucket = bucket
-
-    async def check(self) -> None:
-        try:
-            async with self._engine.connect() as conn:
-                await conn.execute(text("SELECT 1 FROM recordings LIMIT 0"))
-        except ProgrammingError:
-            raise ConfigError(
-                "the database has no recordings table: run `fileserver migrate`"
-            ) from None
-        except (OperationalError, InterfaceError, OSError) as exc:
-            raise _db_error(exc) from None
-
-    async def rows(self) -> AsyncIterator[RowRef]:
-        stmt = (
-            select(
-                Recording.id,
-                Recording.s3_key,
-                Recording.source_url,
-                Recording.md5,
-                Recording.size_bytes,
-                Recording.uid,
-                Recording.grp_id,
-                Recording.event_time,
-            )
-            .where(Recording.s3_bucket == self._bucket)
-            .order_by(Recording.s3_key.collate("C"), Recording.id)
-            .execution_options(yield_per=ROW_BATCH)
-        )
-        try:
-            async with self._engine.connect() as conn:
-                result = await conn.stream(stmt)
-                async for r in result:
-                    yield RowRef(
-                        id=int(r.id),
-                        s3_key=str(r.s3_key),
-                        source_url=str(r.source_url),
-                        md5=str(r.md5).strip().lower(),
-                        size_bytes=int(r.size_bytes),
-                        uid=int(r.uid),
-                        grp_id=int(r.grp_id),
-                        event_time=r.event_time,
-                    )
-        except (OperationalError, InterfaceError, OSError) as exc:
-            raise _db_error(exc) from None
-
-    async def rows_for_key(self, key: str) -> int:
-        try:
-            async with self._engine.connect() as conn:
-                result = await conn.execute(
-                    select(Recording.id).where(
-                        Recording.s3_bucket == self._bucket, Recording.s3_key == key
-                    )
-                )
-                return len(result.all())
-        except DBAPIError as exc:
-            raise _db_error(exc) from None
-
-
 async def _next(it: AsyncIterator[T]) -> T | None:
     return await anext(it, None)
+
+
+async def _in_key_order(objects: AsyncIterator[ListedObject]) -> AsyncIterator[ListedObject]:
+    """The listing, checked to be in byte order: the merge depends on it."""
+    previous: str | None = None
+    async for obj in objects:
+        if previous is not None and obj.key.encode() <= previous.encode():
+            raise RuntimeError(f"the bucket listed {obj.key!r} after {previous!r}")
+        previous = obj.key
+        yield obj
 
 
 class Reconciler:
@@ -378,29 +239,31 @@ class Reconciler:
 
     def __init__(
         self,
-        bucket: Bucket,
-        table: Table,
+        store: ObjectStore,
+        repo: Repository,
         *,
         min_age_s: float = DEFAULT_MIN_AGE_S,
         quarantine_prefix: str = DEFAULT_QUARANTINE_PREFIX,
         progress: Progress | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        batch: int = BATCH,
     ) -> None:
         if not quarantine_prefix or quarantine_prefix.startswith("/"):
             raise ConfigError(f"--quarantine-prefix {quarantine_prefix!r} must be a key prefix")
-        self.bucket = bucket
-        self.table = table
+        self.store = store
+        self.repo = repo
         self.min_age_s = min_age_s
         self.quarantine_prefix = quarantine_prefix
         self.progress = progress or Progress(enabled=False)
         self._now = now
+        self._batch = batch
         # Rows of the issues found, for repair.
-        self.rows_by_issue: dict[int, RowRef] = {}
+        self.rows_by_issue: dict[int, RecordingRef] = {}
 
     async def scan(self, report: Report) -> None:
         """Fill ``report`` with every inconsistency between the bucket and the table."""
-        objects = self.bucket.objects()
-        rows = self.table.rows()
+        objects = _in_key_order(self.store.list_objects(page_size=self._batch))
+        rows = self.repo.recordings_by_key(self.store.bucket, batch_rows=self._batch)
         obj = await _next(objects)
         row = await _next(rows)
         cutoff = self._now().timestamp() - self.min_age_s
@@ -424,14 +287,14 @@ class Reconciler:
             self.progress.update(report)
         self.progress.update(report, force=True)
 
-    def _add(self, report: Report, issue: Issue, row: RowRef | None = None) -> None:
+    def _add(self, report: Report, issue: Issue, row: RecordingRef | None = None) -> None:
         report.issues.append(issue)
         if row is not None:
             self.rows_by_issue[id(issue)] = row
 
-    async def _row_without_listing(self, report: Report, row: RowRef) -> None:
+    async def _row_without_listing(self, report: Report, row: RecordingRef) -> None:
         # Re-check: the object may have been uploaded after the listing passed its key.
-        head = await self.bucket.head(row.s3_key)
+        head = await self.store.head(row.s3_key)
         if head is None:
             self._add(
                 report,
@@ -447,19 +310,32 @@ class Reconciler:
             )
             return
         report.objects += 1
-        size, md5 = head
-        await self._compare(report, row, size, etag="", metadata_md5=md5, headed=True)
+        await self._compare(report, row, head.size, head.etag, metadata=head.metadata)
 
     async def _compare(
         self,
         report: Report,
-        row: RowRef,
+        row: RecordingRef,
         size: int,
         etag: str,
         *,
-        metadata_md5: str | None = None,
-        headed: bool = False,
+        metadata: dict[str, str] | None = None,
     ) -> None:
+        """Judge one object against its row (:func:`fileserver.layout.judge`); the
+        metadata is read (HEAD) only when the listing's ETag is no evidence."""
+        verdict = judge(
+            size=row.size_bytes, md5=row.md5, stored_size=size, etag=etag, metadata=metadata
+        )
+        if verdict is Verdict.MD5_UNKNOWN and metadata is None:
+            # multipart or SSE-KMS ETags are not md5s: ask for the metadata
+            head = await self.store.head(row.s3_key)
+            metadata = head.metadata if head is not None else {}
+            verdict = judge(
+                size=row.size_bytes, md5=row.md5, stored_size=size, etag=etag, metadata=metadata
+            )
+        if verdict is Verdict.MATCH:
+            report.consistent += 1
+            return
         issue = Issue(
             Kind.SIZE_MISMATCH,
             row.s3_key,
@@ -469,23 +345,13 @@ class Reconciler:
             actual_size=size,
             expected_md5=row.md5,
         )
-        if size != row.size_bytes:
-            self._add(report, issue, row)
-            return
-        if etag == row.md5:
-            report.consistent += 1
-            return
-        if not headed:  # multipart or SSE-KMS ETags are not md5s: ask for the metadata
-            head = await self.bucket.head(row.s3_key)
-            metadata_md5 = head[1] if head is not None else None
-        if metadata_md5 == row.md5:
-            report.consistent += 1
-            return
-        issue.kind = Kind.MD5_MISMATCH
-        issue.actual_md5 = metadata_md5 or (etag if _MD5.match(etag) else None)
+        if verdict is not Verdict.SIZE_DIFFERS:
+            issue.kind = Kind.MD5_MISMATCH
+            declared = declared_md5(metadata or {})
+            issue.actual_md5 = declared or (etag if _MD5.match(etag) else None)
         self._add(report, issue, row)
 
-    async def _object_without_row(self, report: Report, obj: ObjectRef, cutoff: float) -> None:
+    async def _object_without_row(self, report: Report, obj: ListedObject, cutoff: float) -> None:
         if obj.key.startswith(self.quarantine_prefix):
             report.quarantined_objects += 1
             return
@@ -493,8 +359,8 @@ class Reconciler:
         if obj.last_modified.timestamp() > cutoff:
             report.recent_objects_skipped += 1
             return
-        # Re-check: the row may have been inserted after the row cursor passed its key.
-        if await self.table.rows_for_key(obj.key):
+        # Re-check: the row may have been inserted after the row scan passed its key.
+        if await self.repo.count_recordings_at(self.store.bucket, obj.key):
             report.consistent += 1
             return
         self._add(
@@ -509,42 +375,32 @@ class Reconciler:
 
     # -- repair ------------------------------------------------------------------------
 
-    async def repair(self, report: Report, runtime: Runtime) -> None:
-        """Fix what can be fixed; record the outcome on each issue."""
+    async def repair(self, report: Report, fetcher: Downloads, uploads: Store) -> None:
+        """Fix what can be fixed; record the outcome on each issue. Rows' objects are
+        downloaded through ``fetcher`` and stored through ``uploads`` (the worker's);
+        orphans are moved within the bucket."""
         for issue in report.issues:
             if issue.kind is Kind.ORPHAN_OBJECT:
                 await self._quarantine(issue)
             else:
-                await self._restore(issue, self.rows_by_issue[id(issue)], runtime)
+                await self._restore(issue, self.rows_by_issue[id(issue)], fetcher, uploads)
             self.progress.update(report)
 
     async def _quarantine(self, issue: Issue) -> None:
-        if await self.table.rows_for_key(issue.key):
+        if await self.repo.count_recordings_at(self.store.bucket, issue.key):
             issue.repair = Repair.UNREPAIRABLE
             issue.repair_detail = "a row points to it now: left in place"
             return
         target = self.quarantine_prefix + issue.key
-        await self.bucket.move(issue.key, target)
+        await self.store.move(issue.key, target)
         issue.repair, issue.repair_detail = Repair.QUARANTINED, f"moved to {target}"
 
-    async def _restore(self, issue: Issue, row: RowRef, runtime: Runtime) -> None:
+    async def _restore(
+        self, issue: Issue, row: RecordingRef, fetcher: Downloads, uploads: Store
+    ) -> None:
         """Download the row's source again and store it under the row's key."""
         try:
-            async with runtime.fetcher.download(row.source_url) as download:
-                if download.md5 != row.md5 or download.size != row.size_bytes:
-                    issue.repair = Repair.UNREPAIRABLE
-                    issue.repair_detail = (
-                        f"the source now serves other bytes (md5 {download.md5}, "
-                        f"{download.size} bytes)"
-                    )
-                    return
-                metadata = {
-                    "uid": str(row.uid),
-                    "grp-id": str(row.grp_id),
-                    "md5": row.md5,
-                    "event-time": str(int(row.event_time.timestamp())),
-                }
-                await runtime.store.put_file(row.s3_key, download.content, row.md5, metadata)
+            done = await restore_object(Wanted.of_row(row), fetcher, uploads)
         except PermanentError as exc:
             issue.repair = Repair.UNREPAIRABLE
             issue.repair_detail = f"source gone: {exc.reason.value}: {exc.detail}"
@@ -555,8 +411,18 @@ class Reconciler:
             issue.repair = Repair.UNREPAIRABLE
             issue.repair_detail = f"source unavailable, try again later: {exc.detail}"
             return
-        issue.repair = Repair.REPAIRED
-        issue.repair_detail = f"downloaded again from the source ({row.size_bytes} bytes)"
+        if done.outcome is Restored.SOURCE_CHANGED:
+            issue.repair = Repair.UNREPAIRABLE
+            issue.repair_detail = (
+                f"the source now serves other bytes (md5 {done.source_md5}, "
+                f"{done.source_size} bytes)"
+            )
+        elif done.outcome is Restored.ELSEWHERE:  # the rows scanned are the bucket's
+            issue.repair = Repair.UNREPAIRABLE
+            issue.repair_detail = f"the row's bucket {row.s3_bucket} is not {uploads.bucket}"
+        else:
+            issue.repair = Repair.REPAIRED
+            issue.repair_detail = f"downloaded again from the source ({row.size_bytes} bytes)"
 
 
 async def reconcile(
@@ -566,36 +432,35 @@ async def reconcile(
     min_age_s: float = DEFAULT_MIN_AGE_S,
     quarantine_prefix: str = DEFAULT_QUARANTINE_PREFIX,
     progress: Progress | None = None,
+    batch: int = BATCH,
 ) -> Report:
-    """Compare (and with ``repair``, fix) ``settings.s3_bucket`` and ``recordings``."""
+    """Compare (and with ``repair``, fix) ``settings.s3_bucket`` and ``recordings``;
+    ``batch`` objects per listing page and rows per statement."""
     from fileserver.runtime import make_engine, make_s3_client, open_runtime
 
     report = Report(bucket=settings.s3_bucket, repair=repair)
     async with AsyncExitStack() as stack:
         engine = make_engine(settings)
         stack.push_async_callback(engine.dispose)
-        bucket = Bucket(make_s3_client(settings), settings.s3_bucket)
-        table = Table(engine, settings.s3_bucket)
-        await table.check()
-        try:
-            await bucket.check()
-        except DependencyUnavailable as exc:
-            raise ConfigError(
-                f"cannot use bucket FILESERVER_S3_BUCKET={settings.s3_bucket} at "
-                f"FILESERVER_S3_ENDPOINT_URL={settings.s3_endpoint_url or '(AWS)'}: {exc.detail}"
-            ) from None
+        repo = Repository(engine)
+        stack.push_async_callback(repo.close)
+        executor = ThreadPoolExecutor(max_workers=settings.s3_threads, thread_name_prefix="s3")
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        store = ObjectStore(make_s3_client(settings), settings.s3_bucket, executor)
+        await check_stores(settings, repo, store)
         reconciler = Reconciler(
-            bucket,
-            table,
+            store,
+            repo,
             min_age_s=min_age_s,
             quarantine_prefix=quarantine_prefix,
             progress=progress,
+            batch=batch,
         )
         try:
             await reconciler.scan(report)
             if repair and report.issues:
                 runtime = await stack.enter_async_context(open_runtime(settings))
-                await reconciler.repair(report, runtime)
+                await reconciler.repair(report, runtime.fetcher, runtime.store)
         finally:
             reconciler.progress.done()
     report.finished_at = datetime.now(UTC)

@@ -14,6 +14,8 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from dataclasses import replace
 from io import StringIO
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 
 from fileserver.devstack.samples import SampleServer, make_mp3, talk_event
 from fileserver.devstack.stack import StackConfig
+from fileserver.errors import ConfigError
 from fileserver.pipeline import Outcome
 from fileserver.reconcile import Kind, Progress, Repair, Report, reconcile
 from fileserver.record import SourceRecord
@@ -113,6 +116,15 @@ async def test_reconcile_reports_repairs_and_quarantines(
     assert (report.rows, report.consistent) == (7, 2)
     assert (report.recent_objects_skipped, report.quarantined_objects) == (2, 1)
     assert _objects(stack) == before and count(stack.database_url, "recordings") == 7
+    # The same in batches of two (listing pages and row statements): the merge is too.
+    small = await reconcile(stack.settings(), batch=2)
+    assert small.counts() == report.counts()
+    assert [(i.kind, i.key) for i in small.issues] == [(i.kind, i.key) for i in report.issues]
+    assert (small.rows, small.objects, small.consistent) == (
+        report.rows,
+        report.objects,
+        report.consistent,
+    )
 
     # 2. Read-only through the command, strays judged: the report, the JSON, exit 1.
     out = tmp_path / "report.json"
@@ -180,6 +192,32 @@ async def test_reconcile_of_an_empty_bucket_and_table_agrees(kafka_stack: StackC
     report = await reconcile(kafka_stack.settings(), repair=True, min_age_s=0)
     assert (report.rows, report.objects, report.issues, report.exit_code) == (0, 0, [], 0)
     assert "the bucket and the table agree" in Report(bucket="b", repair=False).render()
+
+
+async def test_reconcile_runs_the_workers_preflight_checks(
+    kafka_stack: StackConfig, postgres_server_url: str
+) -> None:
+    """The worker's checks and words (fileserver.preflight): exit status 2, the setting
+    to fix named."""
+    from fileserver.devstack.servers import create_database
+
+    settings = kafka_stack.settings()
+    empty = create_database(postgres_server_url, f"t_{uuid.uuid4().hex[:12]}")
+    with pytest.raises(ConfigError, match=r"no fileserver tables: run `fileserver migrate`"):
+        await reconcile(replace(settings, database_url=empty))
+    with pytest.raises(ConfigError, match=r"cannot use bucket FILESERVER_S3_BUCKET=nowhere"):
+        await reconcile(replace(settings, s3_bucket="nowhere"))
+    done = _cli(kafka_stack, "--min-age", "0")
+    assert done.returncode == 0, done.stderr
+    env_bucket = {"FILESERVER_S3_BUCKET": "nowhere"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fileserver", "reconcile"],
+        env={**os.environ, **kafka_stack.env(), **env_bucket},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "FILESERVER_S3_BUCKET=nowhere" in done.stderr, done.stderr
 
 
 def test_progress_line_only_on_a_terminal() -> None:
