@@ -278,7 +278,22 @@ async def _close_quietly(conn: AsyncConnection) -> None:
             continue
 
 
+#: SQLSTATE classes and codes of the server's own state rather than the statement's data:
+#: connection (08), transaction rollback (40: serialization, deadlock), resources (53:
+#: disk full, too many connections), operator intervention (57), system (58), a
+#: read-only server during a failover (25006), and privileges or schema changed under
+#: the worker (42501, 42P01, 42703). Every event would fail the same way until the
+#: server or an operator fixes it: an outage (intake paused, retried), never one event's
+#: ``internal_error``.
+_OUTAGE_CLASSES = ("08", "40", "53", "57", "58")
+_OUTAGE_CODES = frozenset({"25006", "42501", "42P01", "42703", "55P03"})
+
+
 def is_connection_error(exc: DBAPIError) -> bool:
-    """Connection lost or unusable, or the statement cancelled (timeout): not the data's
-    fault, so the same call may succeed later."""
-    return bool(exc.connection_invalidated) or isinstance(exc, OperationalError | InterfaceError)
+    """Connection lost or unusable, the statement cancelled (timeout), or the server in a
+    state that refuses every statement for now: not the data's fault, so the same call
+    may succeed later."""
+    if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    return sqlstate in _OUTAGE_CODES or sqlstate[:2] in _OUTAGE_CLASSES
