@@ -38,12 +38,17 @@ class KeyedEvent(Protocol):
         ...
 
 
+def is_md5(value: str) -> bool:
+    """Whether ``value`` is an md5 in hex (32 digits, either case)."""
+    return _HEX32.fullmatch(value) is not None
+
+
 def object_key(event: KeyedEvent, md5: str) -> str:
     """The deterministic S3 key of a recording, built only from validated fields.
 
     Layout: ``<grp_id>/<uid>/<YYYY>/<MM>/<DD>/<unix seconds>-<md5>.mp3`` (UTC date).
     """
-    if not _HEX32.fullmatch(md5):
+    if not is_md5(md5):
         raise ValueError(f"md5 must be 32 hex digits, got {md5!r}")
     t = datetime.fromtimestamp(event.timestamp, tz=UTC)
     return (

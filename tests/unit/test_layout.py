@@ -11,6 +11,7 @@ from fileserver.events import TalkEvent
 from fileserver.layout import (
     Verdict,
     declared_md5,
+    is_md5,
     judge,
     judge_stored,
     object_key,
@@ -44,6 +45,11 @@ def test_the_key_and_the_metadata_of_a_recording() -> None:
     }
     assert unix_seconds(EVENT.event_time) == EVENT.timestamp
     assert unix_seconds(datetime(2019, 9, 27, 7, 34, 57, tzinfo=UTC)) == 1569569697
+
+
+def test_is_md5() -> None:
+    assert is_md5(MD5) and is_md5(MD5.upper())
+    assert not is_md5("md5") and not is_md5(MD5 + "0") and not is_md5("g" * 32)
 
 
 def test_declared_md5_is_lower_case_or_none() -> None:
