@@ -31,6 +31,7 @@ Storage and database go through the adapters every command uses (:class:`ObjectS
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
@@ -498,3 +499,53 @@ def run(
                 f.write(doc)
         print(report.render(), file=out)
     return report.exit_code
+
+
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``fileserver reconcile``'s entry point (see :func:`add_parser`)."""
+    return run(
+        settings,
+        repair=args.repair,
+        json_path=args.json,
+        min_age_s=args.min_age,
+        quarantine_prefix=args.quarantine_prefix,
+        progress=False if args.no_progress else None,
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``fileserver reconcile``."""
+    rc = sub.add_parser(
+        "reconcile",
+        help="compare the bucket with the recordings table (read-only unless --repair)",
+        description="Find rows whose object is missing or whose object's size or md5 differs, "
+        "and objects no row points to, in FILESERVER_S3_BUCKET and the recordings table of "
+        "FILESERVER_DATABASE_URL. Read-only unless --repair: then a row's object is "
+        "downloaded again from its source_url (kept only if its md5 and size equal the row's) "
+        "and orphan objects are moved under --quarantine-prefix. Exit status: 0 they agree "
+        "(after repair), 1 inconsistencies remain, 2 configuration error (a database or "
+        "bucket unreachable at the start included, as for the worker), 3 the database or "
+        "the bucket became unreachable during the run.",
+    )
+    rc.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    rc.add_argument(
+        "--json", metavar="FILE", help="also write the report as JSON to FILE ('-': stdout)"
+    )
+    rc.add_argument(
+        "--min-age",
+        type=float,
+        default=DEFAULT_MIN_AGE_S,
+        metavar="SECONDS",
+        help="objects younger than this are not judged orphans (default 3600: the worker "
+        "uploads before it inserts the row)",
+    )
+    rc.add_argument(
+        "--quarantine-prefix",
+        default=DEFAULT_QUARANTINE_PREFIX,
+        metavar="PREFIX",
+        help="where --repair moves orphan objects (default quarantine/); never scanned",
+    )
+    rc.add_argument(
+        "--no-progress", action="store_true", help="no progress line even on a terminal"
+    )
+    rc.set_defaults(func=run_command)

@@ -220,6 +220,25 @@ async def test_reconcile_runs_the_workers_preflight_checks(
     assert done.returncode == 2 and "FILESERVER_S3_BUCKET=nowhere" in done.stderr, done.stderr
 
 
+def test_the_reconcile_module_owns_its_parser() -> None:
+    from fileserver import reconcile as module
+    from fileserver.cli import build_parser
+
+    args = build_parser().parse_args(["reconcile"])
+    assert args.func is module.run_command
+    assert (args.repair, args.json, args.min_age, args.quarantine_prefix, args.no_progress) == (
+        False,
+        None,
+        3600.0,
+        "quarantine/",
+        False,
+    )
+    args = build_parser().parse_args(
+        ["reconcile", "--repair", "--json", "-", "--min-age", "0", "--quarantine-prefix", "q/"]
+    )
+    assert (args.repair, args.json, args.min_age, args.quarantine_prefix) == (True, "-", 0.0, "q/")
+
+
 def test_progress_line_only_on_a_terminal() -> None:
     class Tty(StringIO):
         def isatty(self) -> bool:
