@@ -22,56 +22,6 @@ metadata in Postgres. Settings come from FILESERVER_* environment variables
 (see the settings table in docs/operations.md)."""
 
 
-def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    """Compare the bucket with the recordings table (see ``fileserver reconcile --help``)."""
-    from fileserver.reconcile import run
-
-    return run(
-        settings,
-        repair=args.repair,
-        json_path=args.json,
-        min_age_s=args.min_age,
-        quarantine_prefix=args.quarantine_prefix,
-        progress=False if args.no_progress else None,
-    )
-
-
-def _add_reconcile_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``fileserver reconcile`` (until :mod:`fileserver.reconcile` owns its parser)."""
-    rc = sub.add_parser(
-        "reconcile",
-        help="compare the bucket with the recordings table (read-only unless --repair)",
-        description="Find rows whose object is missing or whose object's size or md5 differs, "
-        "and objects no row points to, in FILESERVER_S3_BUCKET and the recordings table of "
-        "FILESERVER_DATABASE_URL. Read-only unless --repair: then a row's object is "
-        "downloaded again from its source_url (kept only if its md5 and size equal the row's) "
-        "and orphan objects are moved under --quarantine-prefix. Exit status: 0 they agree "
-        "(after repair), 1 inconsistencies remain, 2 configuration error, 3 unreachable.",
-    )
-    rc.add_argument("--repair", action="store_true", help="fix what can be fixed")
-    rc.add_argument(
-        "--json", metavar="FILE", help="also write the report as JSON to FILE ('-': stdout)"
-    )
-    rc.add_argument(
-        "--min-age",
-        type=float,
-        default=3600.0,
-        metavar="SECONDS",
-        help="objects younger than this are not judged orphans (default 3600: the worker "
-        "uploads before it inserts the row)",
-    )
-    rc.add_argument(
-        "--quarantine-prefix",
-        default="quarantine/",
-        metavar="PREFIX",
-        help="where --repair moves orphan objects (default quarantine/); never scanned",
-    )
-    rc.add_argument(
-        "--no-progress", action="store_true", help="no progress line even on a terminal"
-    )
-    rc.set_defaults(func=cmd_reconcile)
-
-
 #: The verbs, in the order ``fileserver --help`` lists them.
 VERBS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     worker.add_parser,
@@ -79,7 +29,7 @@ VERBS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], Non
     dev.add_parser,
     backfill.add_parser,
     redrive.add_parser,
-    getattr(reconcile, "add_parser", _add_reconcile_parser),
+    reconcile.add_parser,
 )
 
 

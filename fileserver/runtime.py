@@ -25,10 +25,11 @@ from fileserver.deadletter import KafkaDeadLetters
 from fileserver.errors import ConfigError, DependencyUnavailable
 from fileserver.fetch import IN_MEMORY_MAX_BYTES, Fetcher, prepare_spool_dir
 from fileserver.pipeline import Ingestor
+from fileserver.preflight import check_stores
 from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.repository import Repository
 from fileserver.resolve import system_resolver
-from fileserver.settings import Settings, redact_url
+from fileserver.settings import Settings
 from fileserver.sources import SourcePolicy
 from fileserver.storage import ObjectStore, http11
 from fileserver.storage.s3_put import (
@@ -334,33 +335,10 @@ async def open_runtime(settings: Settings, *, hold: bool = True) -> AsyncIterato
 
 
 async def preflight(runtime: Runtime) -> None:
-    """Fail fast, naming the setting to fix, when the bucket or the database is unreachable."""
+    """Fail fast, naming the setting to fix, when the bucket or the database is unreachable
+    (:func:`fileserver.preflight.check_stores`, the checks reconcile runs too)."""
     s = runtime.settings
-    try:
-        await runtime.repo.ping()
-    except DependencyUnavailable as exc:
-        raise ConfigError(
-            f"cannot reach the database at FILESERVER_DATABASE_URL={redact_url(s.database_url)}: "
-            f"{exc.detail}"
-        ) from None
-    except Exception as exc:
-        raise ConfigError(
-            f"database at FILESERVER_DATABASE_URL={redact_url(s.database_url)} refused: {exc}"
-        ) from None
-    try:
-        await runtime.repo.check_schema()
-    except Exception as exc:
-        raise ConfigError(
-            "the database has no fileserver tables: run `fileserver migrate` "
-            f"(FILESERVER_DATABASE_URL={redact_url(s.database_url)}): {type(exc).__name__}"
-        ) from None
-    try:
-        await runtime.store.check_bucket()
-    except DependencyUnavailable as exc:
-        raise ConfigError(
-            f"cannot use bucket FILESERVER_S3_BUCKET={s.s3_bucket} at "
-            f"FILESERVER_S3_ENDPOINT_URL={s.s3_endpoint_url or '(AWS)'}: {exc.detail}"
-        ) from None
+    await check_stores(s, runtime.repo, runtime.store)
     log.info(
         "preflight ok: database, bucket %s and broker %s reachable", s.s3_bucket, s.kafka_bootstrap
     )

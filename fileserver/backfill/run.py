@@ -15,11 +15,13 @@ from fileserver.backfill.options import BackfillOptions
 from fileserver.backfill.ranges import Plan
 from fileserver.backfill.report import FROM_OUTCOME, Kind, Tally
 from fileserver.errors import BreakerOpen, PermanentError
-from fileserver.events import SkippedEvent, TalkEvent, object_key, parse_event
+from fileserver.events import SkippedEvent, TalkEvent, parse_event
+from fileserver.layout import is_md5, object_key, object_metadata, stored_matches
 from fileserver.pipeline import Outcome, Result
 from fileserver.probe import check_duration
 from fileserver.processor import Processor
 from fileserver.record import SourceRecord
+from fileserver.repair import Restored, Wanted, restore_object
 from fileserver.repository import StoredRow
 from fileserver.retry import DependencyRetry
 from fileserver.runtime import Runtime
@@ -34,12 +36,6 @@ class RepairResult(Result):
     """A pipeline result that may say the row was repaired for an object already stored."""
 
     repaired_row: bool = False
-
-
-def _object_matches(stored: StoredObject | None, size: int, md5: str) -> bool:
-    if stored is None or stored.size != size:
-        return False
-    return stored.metadata.get("md5", md5).lower() == md5.lower()
 
 
 class Backfill:
@@ -306,7 +302,7 @@ class Backfill:
             check_duration(audio, ingestor.max_duration_s)
             key = object_key(event, download.md5)
             stored = await self.runtime.store.head(key)
-            had_object = _object_matches(stored, download.size, download.md5)
+            had_object = stored_matches(stored, size=download.size, md5=download.md5)
             if not had_object:
                 await ingestor.upload(event, download)
             inserted = await ingestor.record(record, event, download, audio, key)
@@ -339,24 +335,37 @@ class Backfill:
         if row is None:  # deleted since the batch look-up: ingest it like a new event
             return await self._ingest(record)
         store = self.runtime.store
-        async with self.runtime.fetcher.download(event.file_path) as download:
-            if download.md5 != row.md5 or download.size != row.size_bytes:
-                return self._problem(
-                    record,
-                    f"the source now has md5 {download.md5} ({download.size} bytes) but the row "
-                    f"says {row.md5} ({row.size_bytes} bytes); left unchanged",
-                )
-            key = object_key(event, download.md5)
-            if row.s3_bucket != store.bucket or row.s3_key != key:
-                return self._problem(
-                    record,
-                    f"the row points at {row.s3_bucket}/{row.s3_key}, expected "
-                    f"{store.bucket}/{key}; left unchanged",
-                )
-            stored = await store.head(key)
-            if _object_matches(stored, row.size_bytes, row.md5):
-                return Kind.ALREADY_PRESENT
-            await self.runtime.ingestor.upload(event, download)
+        # Where the layout puts this event's object (a row whose md5 is no md5 cannot
+        # match the source's: restore_object reports that first).
+        key = object_key(event, row.md5) if is_md5(row.md5) else None
+        wanted = Wanted(
+            source_url=event.file_path,
+            bucket=row.s3_bucket,
+            key=row.s3_key,
+            md5=row.md5,
+            size=row.size_bytes,
+            metadata=object_metadata(
+                uid=event.uid, grp_id=event.grp_id, md5=row.md5, timestamp=event.timestamp
+            ),
+        )
+        done = await restore_object(
+            wanted, self.runtime.fetcher, store, expected_key=key, reuse_matching=True
+        )
+        if done.outcome is Restored.SOURCE_CHANGED:
+            return self._problem(
+                record,
+                f"the source now has md5 {done.source_md5} ({done.source_size} bytes) but the "
+                f"row says {row.md5} ({row.size_bytes} bytes); left unchanged",
+            )
+        if done.outcome is Restored.ELSEWHERE:
+            return self._problem(
+                record,
+                f"the row points at {row.s3_bucket}/{row.s3_key}, expected "
+                f"{store.bucket}/{key}; left unchanged",
+            )
+        if done.outcome is Restored.ALREADY_STORED:
+            return Kind.ALREADY_PRESENT
+        stored = done.previous
         why = "missing" if stored is None else f"different ({stored.size} bytes)"
         line = f"object {key} was {why} ({record.source})"
         log.warning("repaired %s", line)
@@ -371,7 +380,7 @@ class Backfill:
             return row, (await self.runtime.store.head(row.s3_key) if row else None)
 
         row, stored = await self._dependencies.call(look_up, what=f"verify {record.source}")
-        if row is not None and _object_matches(stored, row.size_bytes, row.md5):
+        if row is not None and stored_matches(stored, size=row.size_bytes, md5=row.md5):
             log.warning(
                 "could not re-download %s (%s); its stored object matches the row",
                 record.source,
