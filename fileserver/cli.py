@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from fileserver import __version__, backfill, logs, migrate, reconcile, redrive, worker
 from fileserver.devstack import command as dev
 from fileserver.errors import ConfigError, DependencyUnavailable
+from fileserver.serve import command as serve
 from fileserver.settings import Settings
 
 DESCRIPTION = """\
@@ -30,6 +31,7 @@ VERBS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], Non
     backfill.add_parser,
     redrive.add_parser,
     reconcile.add_parser,
+    serve.add_parser,
 )
 
 

@@ -342,3 +342,52 @@ async def preflight(runtime: Runtime) -> None:
     log.info(
         "preflight ok: database, bucket %s and broker %s reachable", s.s3_bucket, s.kafka_bootstrap
     )
+
+
+@dataclass
+class ServeClients:
+    """What ``fileserver serve`` reads with: the database engine, the S3 client (for
+    presigned URLs), an :class:`ObjectStore` (bucket check) and the aiohttp session its
+    audio proxy fetches presigned URLs with."""
+
+    engine: AsyncEngine
+    s3_client: Any
+    store: ObjectStore
+    http: aiohttp.ClientSession
+
+
+@asynccontextmanager
+async def open_serve_clients(settings: Settings) -> AsyncIterator[ServeClients]:
+    """Build ``fileserver serve``'s clients from ``settings``; close them all on exit."""
+    async with AsyncExitStack() as stack:
+        executor = ThreadPoolExecutor(max_workers=settings.s3_threads, thread_name_prefix="s3")
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        # the worker's client, signing with SigV4 also in presigned URLs (boto3's default
+        # there is still SigV2 for S3, which AWS refuses in most regions)
+        session = boto3.session.Session()
+        config = make_s3_client(settings, session).meta.config
+        s3_client = session.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            config=config.merge(Config(signature_version="s3v4")),
+            verify=settings.s3_verify,
+        )
+        store = ObjectStore(s3_client, settings.s3_bucket, executor)
+        engine = make_engine(settings)
+        stack.push_async_callback(engine.dispose)
+        ssl_context: ssl.SSLContext | bool = True
+        if isinstance(settings.s3_verify, str):
+            ssl_context = ssl.create_default_context(cafile=settings.s3_verify)
+        elif settings.s3_verify is False:
+            ssl_context = False
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.concurrency, ssl=ssl_context),
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+            ),
+            trust_env=False,
+            auto_decompress=False,
+        )
+        stack.push_async_callback(http.close)
+        yield ServeClients(engine, s3_client, store, http)

@@ -175,6 +175,11 @@ class Settings:
     rebalance_timeout_s: float = 60.0
     db_statement_timeout_s: float = 30.0
     internal_error_attempts: int = 5
+    # ``fileserver serve`` (fileserver/serve/): the read API and the review page
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8080
+    serve_tokens: tuple[str, ...] = field(default=(), repr=False)
+    serve_presign_ttl_s: int = 300
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -252,6 +257,10 @@ class Settings:
             internal_error_attempts=_int(
                 e, "INTERNAL_ERROR_ATTEMPTS", d.internal_error_attempts, 1
             ),
+            serve_host=_str(e, "SERVE_HOST", d.serve_host),
+            serve_port=_int(e, "SERVE_PORT", d.serve_port, 0),
+            serve_tokens=_list(e, "SERVE_TOKENS"),
+            serve_presign_ttl_s=_int(e, "SERVE_PRESIGN_TTL_S", d.serve_presign_ttl_s, 1),
         )
         settings.validate()
         return settings
@@ -280,6 +289,10 @@ class Settings:
             )
         if self.metrics_port > 65535:
             raise ConfigError(f"{PREFIX}METRICS_PORT={self.metrics_port} is not a TCP port")
+        if self.serve_port > 65535:
+            raise ConfigError(f"{PREFIX}SERVE_PORT={self.serve_port} is not a TCP port")
+        if self.serve_presign_ttl_s > 7 * 24 * 3600:
+            raise ConfigError(f"{PREFIX}SERVE_PRESIGN_TTL_S is over S3's limit of 7 days")
         self._validate_security()
 
     def _validate_security(self) -> None:
