@@ -50,6 +50,14 @@ STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 EVENT_BUCKETS = (*STAGE_BUCKETS, 300, 600, 1800)
 DB_STATEMENTS = ("insert", "lookup")
 DB_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ANALYSIS_RESULTS = ("analysed", "disabled", "skipped_size", "failed")
+#: Talk groups given their own ``grp_id`` label on ``fileserver_empty_bursts_total``;
+#: later ones share ``grp_id="other"``. Talk groups are provisioned entities (tens to
+#: hundreds per deployment, not per-call ids), and a series exists only for a group that
+#: had an empty burst, so this bound is only a guard against a flood of forged ids: at
+#: most 1001 series (~100 KB per scrape) whatever the events say.
+MAX_GROUP_LABELS = 1000
+OTHER_GROUPS = "other"
 
 LAG_NAME = f"{PREFIX}_consumer_lag"
 LAG_HELP = "Records of an assigned partition after the group's committed offset (end - committed)."
@@ -195,6 +203,24 @@ class Metrics:
             "Downloads spooled to a file because the download memory budget was spent.",
             registry=r,
         )
+        self.empty_bursts = Counter(
+            f"{PREFIX}_empty_bursts_total",
+            "Bursts with no speech (analysis: empty), by talk group (grp_id; 'other' past 1000).",
+            ("grp_id",),
+            registry=r,
+        )
+        self.analyses = Counter(
+            f"{PREFIX}_analyses_total",
+            "Speech analyses of bursts, by result: analysed, disabled, skipped_size or failed.",
+            ("result",),
+            registry=r,
+        )
+        self.analysis_cpu = Counter(
+            f"{PREFIX}_analysis_cpu_seconds_total",
+            "CPU seconds spent analysing bursts (per burst: divide by analysed analyses).",
+            registry=r,
+        )
+        self._empty_groups: set[str] = set()
         self._is_paused = False
         # Read when scraped: nothing is recorded per chunk; a fetcher's budget leaves with it.
         self._budgets: weakref.WeakSet[HeldBytes] = weakref.WeakSet()
@@ -215,6 +241,8 @@ class Metrics:
             self.stage_seconds.labels(stage)
         for dependency in DEPENDENCIES:
             self.retries.labels(dependency)
+        for result in ANALYSIS_RESULTS:
+            self.analyses.labels(result)
 
     # -- recording -------------------------------------------------------------------
 
@@ -262,6 +290,21 @@ class Metrics:
         watch = self.stopwatch()
         yield
         self.observe_stage(stage, watch.elapsed())
+
+    def analysed(self, result: str, *, cpu_s: float, grp_id: int, empty: bool) -> None:
+        """One burst's analysis ended with ``result`` (:data:`ANALYSIS_RESULTS`) after
+        ``cpu_s`` CPU seconds; ``empty``: it found no speech in talk group ``grp_id``."""
+        self.analyses.labels(result).inc()
+        if cpu_s > 0:
+            self.analysis_cpu.inc(cpu_s)
+        if empty:
+            group = str(grp_id)
+            if group not in self._empty_groups:
+                if len(self._empty_groups) >= MAX_GROUP_LABELS:
+                    group = OTHER_GROUPS
+                else:
+                    self._empty_groups.add(group)
+            self.empty_bursts.labels(group).inc()
 
     def retried(self, dependency: str) -> None:
         """Count one scheduled retry (``dependency`` as in ``DependencyUnavailable``)."""

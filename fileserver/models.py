@@ -7,7 +7,9 @@ from datetime import datetime
 from sqlalchemy import (
     CHAR,
     BigInteger,
+    Boolean,
     DateTime,
+    Double,
     Index,
     Integer,
     LargeBinary,
@@ -57,6 +59,34 @@ class Recording(Base):
     ingested_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+    # Speech analysis (fileserver.analysis, migration 0003); all NULL when the burst was
+    # not analysed (analysis off, file over FILESERVER_ANALYSIS_MAX_BYTES, undecodable,
+    # or ingested before 0003).
+    peak_dbfs: Mapped[float | None] = mapped_column(Double)
+    rms_dbfs: Mapped[float | None] = mapped_column(Double)
+    speech_ratio: Mapped[float | None] = mapped_column(Double)
+    leading_silence_ms: Mapped[int | None] = mapped_column(Integer)
+    trailing_silence_ms: Mapped[int | None] = mapped_column(Integer)
+    clipped_ratio: Mapped[float | None] = mapped_column(Double)
+    empty: Mapped[bool | None] = mapped_column(Boolean)
+
+
+# Newest-first keyset pagination of the read API (``fileserver serve``): by talk group,
+# by radio, and over everything, each ``ORDER BY event_time DESC, id DESC`` read straight
+# from its index (migration 0003, built concurrently).
+Index(
+    "ix_recordings_grp_time",
+    Recording.grp_id,
+    Recording.event_time.desc(),
+    Recording.id.desc(),
+)
+Index(
+    "ix_recordings_uid_time",
+    Recording.uid,
+    Recording.event_time.desc(),
+    Recording.id.desc(),
+)
+Index("ix_recordings_time", Recording.event_time.desc(), Recording.id.desc())
 
 
 class IngestFailure(Base):

@@ -313,7 +313,7 @@ async def open_runtime(settings: Settings, *, hold: bool = True) -> AsyncIterato
             memory_budget_bytes=settings.download_memory_bytes,
             per_source_limit=settings.max_downloads_per_source,
         )
-        ingestor = Ingestor(fetcher, store, repo, max_duration_s=settings.max_duration_s)
+        ingestor = Ingestor.from_settings(fetcher, store, repo, settings)
         health = Health()
         processor = Processor(
             ingestor.ingest,

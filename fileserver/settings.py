@@ -144,6 +144,32 @@ class Settings:
     max_file_bytes: int = 64 * 1024 * 1024
     max_duration_s: int = 600
     source_retry_s: float = 300.0
+    # A 404/410 this close to the event's own time (ptt_msg.timestamp) is retried like
+    # a 503: gateways publish the event a moment before their HTTP server serves the
+    # file. 30 s covers that moment many times over (it is a flush and a rename, well
+    # under a second) and a few seconds of clock skew between gateway and worker, while a
+    # file truly missing is dead-lettered no more than 30 s late. 0 turns it off.
+    not_found_grace_s: float = 30.0
+    # Speech analysis of each burst (fileserver.analysis). Off: the columns stay NULL.
+    analysis_enabled: bool = True
+    # Larger files are not analysed (logged; columns NULL): 4 MiB is 20+ minutes of
+    # Janus' 24 kbit/s, far over any talk burst; decoding is in 3 s blocks anyway.
+    analysis_max_bytes: int = 4 * 1024 * 1024
+    # Analyses running at once (threads): each is CPU only (~1 ms per second of audio).
+    analysis_threads: int = 2
+    # WebRTC VAD aggressiveness 0-3; 3 rejects the most non-speech (radio hiss, clicks).
+    analysis_vad_mode: int = 3
+    # A frame quieter than this is no voice (speech over a radio is -35..-10 dBFS).
+    analysis_speech_min_dbfs: float = -50.0
+    # ... nor one less than this far above the burst's noise floor: steady hiss and tones
+    # stay within ~3 dB of their floor, syllables rise 10-30 dB above it.
+    analysis_speech_snr_db: float = 9.0
+    # Less speech than this in a burst is an empty burst (a kerchunk): shorter than any
+    # word ("no", "yes" are 250-400 ms) and longer than a key-up click.
+    analysis_min_speech_ms: int = 300
+    # Samples at or above this level count as clipped (an MP3 decoder clamps the
+    # encoder's overshoot to full scale; -0.1 dBFS catches those and nothing else).
+    analysis_clip_dbfs: float = -0.1
     dlq_max_consecutive: int = 100
     dlq_breaker_cooldown_s: float = 60.0
     dlq_breaker_max_hold_s: float = 900.0
@@ -212,6 +238,17 @@ class Settings:
             max_file_bytes=_int(e, "MAX_FILE_BYTES", d.max_file_bytes, 1),
             max_duration_s=_int(e, "MAX_DURATION_S", d.max_duration_s, 1),
             source_retry_s=_float(e, "SOURCE_RETRY_S", d.source_retry_s),
+            not_found_grace_s=_float(e, "NOT_FOUND_GRACE_S", d.not_found_grace_s),
+            analysis_enabled=_bool(e, "ANALYSIS_ENABLED", d.analysis_enabled),
+            analysis_max_bytes=_int(e, "ANALYSIS_MAX_BYTES", d.analysis_max_bytes, 0),
+            analysis_threads=_int(e, "ANALYSIS_THREADS", d.analysis_threads, 1),
+            analysis_vad_mode=_int(e, "ANALYSIS_VAD_MODE", d.analysis_vad_mode, 0),
+            analysis_speech_min_dbfs=_float(
+                e, "ANALYSIS_SPEECH_MIN_DBFS", d.analysis_speech_min_dbfs, -120.0
+            ),
+            analysis_speech_snr_db=_float(e, "ANALYSIS_SPEECH_SNR_DB", d.analysis_speech_snr_db),
+            analysis_min_speech_ms=_int(e, "ANALYSIS_MIN_SPEECH_MS", d.analysis_min_speech_ms, 0),
+            analysis_clip_dbfs=_float(e, "ANALYSIS_CLIP_DBFS", d.analysis_clip_dbfs, -120.0),
             dlq_max_consecutive=_int(e, "DLQ_MAX_CONSECUTIVE", d.dlq_max_consecutive, 0),
             dlq_breaker_cooldown_s=_float(
                 e, "DLQ_BREAKER_COOLDOWN_S", d.dlq_breaker_cooldown_s, 0.1
@@ -274,6 +311,13 @@ class Settings:
             )
         if self.max_pending < self.concurrency:
             raise ConfigError(f"{PREFIX}MAX_PENDING must be >= {PREFIX}CONCURRENCY")
+        if self.analysis_vad_mode > 3:
+            raise ConfigError(f"{PREFIX}ANALYSIS_VAD_MODE must be 0, 1, 2 or 3")
+        if self.analysis_speech_min_dbfs > 0 or self.analysis_clip_dbfs > 0:
+            raise ConfigError(
+                f"{PREFIX}ANALYSIS_SPEECH_MIN_DBFS and {PREFIX}ANALYSIS_CLIP_DBFS are levels "
+                "in dBFS: at most 0"
+            )
         if self.multipart_chunk_bytes > self.multipart_threshold_bytes:
             raise ConfigError(
                 f"{PREFIX}MULTIPART_CHUNK_BYTES must be <= {PREFIX}MULTIPART_THRESHOLD_BYTES"

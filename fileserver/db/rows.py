@@ -27,6 +27,14 @@ class NewRecording:
     kafka_topic: str
     kafka_partition: int
     kafka_offset: int
+    # speech analysis (:class:`fileserver.analysis.Analysis`); ``None``: not analysed
+    peak_dbfs: float | None = None
+    rms_dbfs: float | None = None
+    speech_ratio: float | None = None
+    leading_silence_ms: int | None = None
+    trailing_silence_ms: int | None = None
+    clipped_ratio: float | None = None
+    empty: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
+from fileserver.analysis import AnalysisError, Analyzer
 from fileserver.devstack.samples import make_mp3
-from fileserver.errors import PermanentError, Reason
+from fileserver.errors import PermanentError, Reason, SourceUnavailable
 from fileserver.metrics import Metrics
 from fileserver.pipeline import Ingestor, Outcome
 from fileserver.record import SourceRecord
@@ -207,3 +209,134 @@ async def test_losing_the_insert_race_is_a_duplicate() -> None:
     assert (result.outcome, result.md5, result.s3_key) == (Outcome.DUPLICATE, CLIP_MD5, KEY)
     assert set(r.bucket.objects) == {KEY}  # the same deterministic key the winner wrote
     assert r.tables.rows == {}
+
+
+# --- late files: FILESERVER_NOT_FOUND_GRACE_S (Ingestor.late_file) ----------------------
+
+EVENT_TIME = 1569569697  # the timestamp talk() sends
+
+
+class Missing(Source):
+    """Answers every download like the fetcher does for an HTTP 404."""
+
+    @asynccontextmanager
+    async def download(self, url: str) -> AsyncIterator[Clip]:
+        self.downloads.append(url)
+        raise PermanentError(Reason.SOURCE_NOT_FOUND, f"HTTP 404 from {url}")
+        yield  # pragma: no cover
+
+
+def late_rig(age_s: float, grace_s: float = 30.0) -> Ingestor:
+    return Ingestor(
+        Missing({}),
+        Bucket(),
+        Tables(),
+        max_duration_s=60,
+        not_found_grace_s=grace_s,
+        metrics=Metrics(process=False),
+        clock=lambda: EVENT_TIME + age_s,
+    )
+
+
+@pytest.mark.parametrize("age_s", [0.0, 0.4, 5.0, 29.9, -3.0])
+async def test_a_404_within_the_grace_window_is_retryable(age_s: float) -> None:
+    with pytest.raises(SourceUnavailable) as caught:
+        await late_rig(age_s).ingest(record())
+    assert (
+        "HTTP 404" in caught.value.detail
+        and "FILESERVER_NOT_FOUND_GRACE_S=30" in caught.value.detail
+    )
+    assert isinstance(caught.value.__cause__, PermanentError)
+    # the next try: after half the event's age (at least 0.5 s), never past the window
+    delay = caught.value.retry_after
+    assert delay is not None
+    assert delay == pytest.approx(min(max(0.5, abs(age_s) / 2), 30.0 - age_s + 0.05))
+    assert age_s + delay <= 30.0 + 0.05
+
+
+async def test_the_last_retry_lands_right_after_the_window() -> None:
+    with pytest.raises(SourceUnavailable) as caught:
+        await late_rig(25.0).ingest(record())
+    assert caught.value.retry_after == pytest.approx(5.05)
+
+
+@pytest.mark.parametrize(
+    ("age_s", "grace_s"), [(30.0, 30.0), (3600.0, 30.0), (-31.0, 30.0), (1.0, 0.0)]
+)
+async def test_a_404_outside_the_window_or_without_one_is_permanent_at_once(
+    age_s: float, grace_s: float
+) -> None:
+    with pytest.raises(PermanentError) as caught:
+        await late_rig(age_s, grace_s).ingest(record())
+    assert caught.value.reason is Reason.SOURCE_NOT_FOUND
+
+
+async def test_other_download_failures_are_not_given_the_window() -> None:
+    class Forbidden(Source):
+        @asynccontextmanager
+        async def download(self, url: str) -> AsyncIterator[Clip]:
+            raise PermanentError(Reason.TOO_LARGE, "Content-Length 10 GB")
+            yield  # pragma: no cover
+
+    ingestor = Ingestor(
+        Forbidden({}), Bucket(), Tables(), max_duration_s=60, clock=lambda: EVENT_TIME
+    )
+    with pytest.raises(PermanentError) as caught:
+        await ingestor.ingest(record())
+    assert caught.value.reason is Reason.TOO_LARGE
+
+
+# --- speech analysis in the pipeline -------------------------------------------------------
+
+
+async def test_the_row_carries_the_analysis_and_empty_bursts_are_counted_by_group() -> None:
+    r = rig()  # CLIP is a steady 440 Hz tone: no speech
+    result = await r.ingestor.ingest(record())
+    row = r.tables.rows[URL]
+    assert result.analysis is not None
+    assert row.empty is True and row.speech_ratio == 0.0
+    assert row.peak_dbfs is not None and -13.5 < row.peak_dbfs < -11.5  # amplitude 8000
+    assert row.rms_dbfs is not None and -16.5 < row.rms_dbfs < -14.5  # a sine: peak - 3 dB
+    assert row.clipped_ratio == 0.0
+    assert row.leading_silence_ms == row.trailing_silence_ms == result.analysis.decoded_ms
+    assert (
+        r.metrics.registry.get_sample_value("fileserver_empty_bursts_total", {"grp_id": "7"}) == 1
+    )
+    assert (
+        r.metrics.registry.get_sample_value("fileserver_analyses_total", {"result": "analysed"})
+        == 1
+    )
+    cpu = r.metrics.registry.get_sample_value("fileserver_analysis_cpu_seconds_total")
+    assert cpu is not None and 0 < cpu < 1
+
+
+async def test_analysis_off_or_skipped_leaves_the_columns_null() -> None:
+    for analyzer, result in (
+        (Analyzer(enabled=False), "disabled"),
+        (Analyzer(max_bytes=len(CLIP) - 1), "skipped_size"),
+    ):
+        source, tables, metrics = Source({URL: CLIP}), Tables(), Metrics(process=False)
+        ingestor = Ingestor(
+            source, Bucket(), tables, max_duration_s=60, analyzer=analyzer, metrics=metrics
+        )
+        assert (await ingestor.ingest(record())).outcome is Outcome.INGESTED
+        row = tables.rows[URL]
+        analysed = (row.peak_dbfs, row.rms_dbfs, row.speech_ratio, row.leading_silence_ms)
+        assert analysed == (None, None, None, None)
+        assert (row.trailing_silence_ms, row.clipped_ratio, row.empty) == (None, None, None)
+        assert (
+            metrics.registry.get_sample_value("fileserver_analyses_total", {"result": result}) == 1
+        )
+
+
+async def test_a_burst_the_analysis_cannot_decode_is_still_ingested() -> None:
+    def fail(*args: object) -> None:
+        raise AnalysisError("cannot decode: test")
+
+    r = rig()
+    with patch("fileserver.analysis.analyse", fail):
+        result = await r.ingestor.ingest(record())
+    assert result.outcome is Outcome.INGESTED and result.analysis is None
+    assert r.tables.rows[URL].empty is None
+    samples = r.metrics.registry.get_sample_value
+    assert samples("fileserver_analyses_total", {"result": "failed"}) == 1

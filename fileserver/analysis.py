@@ -1,0 +1,298 @@
+"""Speech analysis of one talk burst: levels, speech share, silences, clipping, ``empty``.
+
+A push-to-talk channel carries many "kerchunks": the radio keyed up and nobody spoke
+(a click, the squelch's hiss, a carrier tone, digital silence). :func:`analyse` tells
+them from speech and measures the burst, for dispatchers who skip empty bursts and for
+operators who spot a radio that always clips or keys up late.
+
+How (all on the burst decoded to 16 kHz mono 16-bit, what Janus records, the format
+the VAD takes; another rate or stereo is resampled/down-mixed by the decoder):
+
+* decoded by miniaudio (dr_mp3) in blocks of :data:`BLOCK_FRAMES` samples, so the memory
+  held is one block plus one number per 30 ms frame, whatever the burst's length;
+  decoding stops after ``max_seconds``;
+* peak and RMS level of the whole burst in dBFS (0 dBFS = full scale; digital silence
+  is reported as :data:`FLOOR_DBFS`); the share of samples at or above
+  ``clip_dbfs`` (an MP3 decoder clamps what the encoder overshot, so clipped speech
+  decodes to runs of full-scale samples);
+* a 30 ms frame carries speech when all three hold:
+
+  1. the WebRTC VAD (``webrtcvad``, a GMM over sub-band energies) says speech, at
+     aggressiveness ``vad_mode`` (0-3, 3 the strictest);
+  2. its level is at least ``min_dbfs`` (absolute gate: what is quieter is not a voice
+     a dispatcher could hear over a radio channel);
+  3. its level is at least ``snr_db`` above the burst's noise floor (the 10th
+     percentile of its frame levels). The VAD alone calls steady hiss speech (measured:
+     white and pink noise, 100 % of frames); speech rises and falls with syllables,
+     tens of dB in a second, while hiss, hum and tones stay within a few dB of their
+     own floor.
+
+  Gaps of at most :data:`BRIDGE_FRAMES` frames between speech frames (the stops and
+  pauses inside words and phrases) count as speech;
+* ``speech_ratio`` is the share of the burst's frames that carry speech; leading and
+  trailing silence are the times before the first and after the last speech frame;
+  ``empty`` is less than ``min_speech_ms`` of speech in all (an empty burst's leading
+  and trailing silences are its whole length).
+
+:func:`analyse` is plain CPU work (~1 ms of CPU per second of audio, see
+``bench/analysis_speed.py``); :class:`Analyzer` runs it off the event loop, at most
+``threads`` at a time, skips files over ``max_bytes`` and never fails an event: a
+burst it cannot analyse is stored with its analysis columns ``NULL`` and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000  # what the VAD is fed (8/16/32/48 kHz allowed); Janus records 16 kHz
+FRAME_MS = 30  # the VAD's longest frame: fewest calls, steadiest decision
+FRAME = SAMPLE_RATE * FRAME_MS // 1000  # 480 samples
+BLOCK_FRAMES = FRAME * 100  # 3 s decoded at a time: 96 KB of int16
+FULL_SCALE = 32768.0
+#: Reported for digital silence (log of zero); below any real recording's noise floor
+#: (one LSB of 16-bit audio is -90.3 dBFS).
+FLOOR_DBFS = -120.0
+#: Gaps up to this many frames (210 ms) between speech frames count as speech.
+BRIDGE_FRAMES = 7
+NOISE_PERCENTILE = 10
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """The thresholds of :func:`analyse` (``FILESERVER_ANALYSIS_*``; see
+    :class:`fileserver.settings.Settings` for their defaults and why)."""
+
+    vad_mode: int = 3
+    min_dbfs: float = -50.0
+    snr_db: float = 9.0
+    min_speech_ms: int = 300
+    clip_dbfs: float = -0.1
+    max_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What :func:`analyse` measured about one burst (the ``recordings`` columns)."""
+
+    peak_dbfs: float
+    rms_dbfs: float
+    speech_ratio: float
+    leading_silence_ms: int
+    trailing_silence_ms: int
+    clipped_ratio: float
+    empty: bool
+    #: Decoded length (ms), for messages; not stored (``duration_ms`` is the probe's).
+    decoded_ms: int = 0
+
+
+class AnalysisError(Exception):
+    """The recording could not be decoded for analysis (the event is ingested anyway)."""
+
+
+def _dbfs(power: float) -> float:
+    """dBFS of a mean square of samples scaled to [-1, 1]."""
+    if power <= 0.0:
+        return FLOOR_DBFS
+    return max(FLOOR_DBFS, round(10.0 * math.log10(power), 2))
+
+
+def _blocks(content: bytes | Path) -> Iterable[Any]:
+    """The burst as int16 blocks of 16 kHz mono (``array.array``)."""
+    import miniaudio
+
+    common: dict[str, Any] = {
+        "output_format": miniaudio.SampleFormat.SIGNED16,
+        "nchannels": 1,
+        "sample_rate": SAMPLE_RATE,
+        "frames_to_read": BLOCK_FRAMES,
+    }
+    # generators: a decoding error is raised when iterated
+    stream: Iterable[Any]
+    if isinstance(content, Path):
+        stream = miniaudio.stream_file(str(content), **common)
+    else:
+        stream = miniaudio.stream_memory(content, **common)
+    return stream
+
+
+def analyse(content: bytes | Path, config: AnalysisConfig | None = None) -> Analysis:
+    """Decode one recording and measure it (CPU only; see the module's docstring)."""
+    import miniaudio
+    import numpy as np
+    import webrtcvad
+
+    cfg = config or AnalysisConfig()
+    vad = webrtcvad.Vad(cfg.vad_mode)
+    clip_level = int(FULL_SCALE * 10 ** (cfg.clip_dbfs / 20.0))
+    max_samples = int(cfg.max_seconds * SAMPLE_RATE)
+    peak = clipped = total = 0
+    sum_squares = 0.0
+    levels: list[Any] = []  # per-frame mean squares, one array per block
+    voiced: list[bool] = []
+    carry = np.zeros(0, dtype=np.int16)
+    try:
+        for block in _blocks(content):
+            x = np.frombuffer(block, dtype=np.int16)
+            if total + len(x) > max_samples:
+                x = x[: max_samples - total]
+            total += len(x)
+            if len(x):
+                wide = x.astype(np.float64)  # int32 squares would overflow in the sum
+                magnitude = np.abs(wide)
+                peak = max(peak, int(magnitude.max()))
+                clipped += int(np.count_nonzero(magnitude >= clip_level))
+                sum_squares += float(np.dot(wide, wide))
+            x = np.concatenate((carry, x)) if len(carry) else x
+            whole = len(x) // FRAME * FRAME
+            frames = x[:whole].reshape(-1, FRAME).astype(np.float64)
+            levels.append((frames * frames).mean(axis=1) / FULL_SCALE**2)
+            pcm = x[:whole].tobytes()
+            step = FRAME * 2
+            voiced.extend(
+                vad.is_speech(pcm[i : i + step], SAMPLE_RATE) for i in range(0, len(pcm), step)
+            )
+            carry = x[whole:].copy()
+            if total >= max_samples:
+                break
+    except miniaudio.MiniaudioError as exc:
+        raise AnalysisError(f"cannot decode: {exc}") from None
+    if total == 0:
+        raise AnalysisError("no audio decoded")
+    decoded_ms = total * 1000 // SAMPLE_RATE
+    power = np.concatenate(levels) if levels else np.zeros(0)
+    speech = np.zeros(len(power), dtype=bool)
+    if len(power):
+        level_db = 10.0 * np.log10(np.maximum(power, 1e-12))
+        floor_db = float(np.percentile(level_db, NOISE_PERCENTILE))
+        speech = (
+            np.array(voiced, dtype=bool)
+            & (level_db >= cfg.min_dbfs)
+            & (level_db >= floor_db + cfg.snr_db)
+        )
+        speech = _bridge(speech, BRIDGE_FRAMES)
+    speech_frames = int(speech.sum())
+    empty = speech_frames * FRAME_MS < cfg.min_speech_ms
+    if empty:
+        leading = trailing = decoded_ms
+    else:
+        where = np.flatnonzero(speech)
+        leading = int(where[0]) * FRAME_MS
+        trailing = max(0, decoded_ms - (int(where[-1]) + 1) * FRAME_MS)
+    return Analysis(
+        peak_dbfs=_dbfs((peak / FULL_SCALE) ** 2),
+        rms_dbfs=_dbfs(sum_squares / total / FULL_SCALE**2),
+        speech_ratio=round(speech_frames / len(speech), 4) if len(speech) else 0.0,
+        leading_silence_ms=leading,
+        trailing_silence_ms=trailing,
+        clipped_ratio=round(clipped / total, 6),
+        empty=empty,
+        decoded_ms=decoded_ms,
+    )
+
+
+def _bridge(speech: Any, gap: int) -> Any:
+    """``speech`` with runs of at most ``gap`` non-speech frames between speech frames
+    filled in."""
+    import numpy as np
+
+    where = np.flatnonzero(speech)
+    if len(where) < 2:
+        return speech
+    out = speech.copy()
+    for start, end in itertools.pairwise(where):
+        if 1 < end - start <= gap + 1:
+            out[start:end] = True
+    return out
+
+
+class Analyzer:
+    """Runs :func:`analyse` for the pipeline: off the event loop, at most ``threads`` at
+    once (each burst costs CPU, not I/O: more would only take the event loop's core),
+    never failing the event.
+
+    ``enabled=False``: nothing is decoded and every burst's analysis is ``None``.
+    """
+
+    def __init__(
+        self,
+        config: AnalysisConfig | None = None,
+        *,
+        enabled: bool = True,
+        max_bytes: int = 4 * 1024 * 1024,
+        threads: int = 2,
+    ) -> None:
+        self.config = config or AnalysisConfig()
+        self.enabled = enabled
+        self.max_bytes = max_bytes
+        self.threads = max(1, threads)
+        self._slots: asyncio.Semaphore | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Analyzer:
+        """The analyzer the ``FILESERVER_ANALYSIS_*`` settings describe."""
+        s = settings
+        return cls(
+            AnalysisConfig(
+                vad_mode=s.analysis_vad_mode,
+                min_dbfs=s.analysis_speech_min_dbfs,
+                snr_db=s.analysis_speech_snr_db,
+                min_speech_ms=s.analysis_min_speech_ms,
+                clip_dbfs=s.analysis_clip_dbfs,
+                max_seconds=float(s.max_duration_s),
+            ),
+            enabled=s.analysis_enabled,
+            max_bytes=s.analysis_max_bytes,
+            threads=s.analysis_threads,
+        )
+
+    async def run(self, content: bytes | Path, size: int, what: str) -> Outcome:
+        """Analyse one downloaded recording (``what`` names it in messages)."""
+        if not self.enabled:
+            return Outcome("disabled")
+        if size > self.max_bytes:
+            log.info(
+                "analysis skipped for %s: %d bytes > FILESERVER_ANALYSIS_MAX_BYTES=%d",
+                what,
+                size,
+                self.max_bytes,
+            )
+            return Outcome("skipped_size")
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.threads)
+        async with self._slots:
+            try:
+                analysis, cpu = await asyncio.to_thread(_timed, content, self.config)
+            except AnalysisError as exc:
+                log.warning("analysis failed for %s: %s (stored without it)", what, exc)
+                return Outcome("failed")
+        return Outcome("analysed", analysis, cpu)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How :meth:`Analyzer.run` ended: ``analysed`` (with the analysis and its CPU
+    seconds), ``disabled``, ``skipped_size`` or ``failed``."""
+
+    result: str
+    analysis: Analysis | None = None
+    cpu_s: float = 0.0
+
+
+RESULTS = ("analysed", "disabled", "skipped_size", "failed")
+
+
+def _timed(content: bytes | Path, config: AnalysisConfig) -> tuple[Analysis, float]:
+    """:func:`analyse` and the CPU time this thread spent on it."""
+    started = time.thread_time()
+    analysis = analyse(content, config)
+    return analysis, time.thread_time() - started
