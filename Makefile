@@ -34,3 +34,12 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# requirements.lock: the image's runtime dependencies (and the build-system's setuptools
+# and wheel) pinned with hashes, for `pip install --require-hashes` in the Dockerfile.
+# Run it after changing pyproject.toml's dependencies (tests/test_deploy.py checks).
+.PHONY: lock
+lock: setup
+	$(BIN)/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'], sep='\n')" \
+	| $(BIN)/uv pip compile pyproject.toml - --generate-hashes --universal \
+	    --python-version 3.11 --custom-compile-command 'make lock' -o requirements.lock
