@@ -29,7 +29,7 @@ from fileserver.devstack.samples import (
     make_mp3,
     talk_event,
 )
-from fileserver.devstack.stack import StackConfig, prepare, publish, start_worker
+from fileserver.devstack.stack import StackConfig, prepare, publish, start_serve, start_worker
 
 log = logging.getLogger("fileserver.dev")
 
@@ -149,6 +149,8 @@ def run_dev(args: argparse.Namespace) -> int:
         worker = start_worker(config, log_path=worker_log)
         stack.callback(_stop, worker)
         print(f"worker started (pid {worker.pid}, log {worker_log})")
+        serve, review_url = _start_serve(config, root)
+        stack.callback(_stop, serve)
         deadline = time.monotonic() + LANDING_TIMEOUT_S
         while time.monotonic() < deadline and worker.poll() is None:
             rows, dead = _counts(database_url)
@@ -166,6 +168,7 @@ def run_dev(args: argparse.Namespace) -> int:
                 f"expected {want_rows} rows and {want_dead} dead letters within "
                 f"{LANDING_TIMEOUT_S:.0f}s; see {worker_log}"
             )
+        ok = _await_serve(serve, review_url, root / "serve.log") and ok
         if args.exit_after_samples:
             return 0 if ok else 1
         _print_howto(config, server)
@@ -178,6 +181,47 @@ def run_dev(args: argparse.Namespace) -> int:
         print(f"the worker exited with code {worker.returncode}; see {worker_log}")
         return 1
     return 0
+
+
+def _start_serve(config: StackConfig, root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``fileserver serve`` with a fresh token; the page's URL carries the token in
+    its fragment (never sent to the server)."""
+    from fileserver.devstack.servers import free_port
+    from fileserver.serve.auth import new_token
+
+    token, digest = new_token()
+    port = free_port()
+    serve = start_serve(
+        config,
+        log_path=root / "serve.log",
+        extra_env={"FILESERVER_SERVE_TOKENS": digest, "FILESERVER_SERVE_PORT": str(port)},
+    )
+    print(f"serve started (pid {serve.pid}, log {root / 'serve.log'})")
+    return serve, f"http://127.0.0.1:{port}/review#token={token}"
+
+
+def _await_serve(serve: subprocess.Popen[bytes], review_url: str, log_path: Path) -> bool:
+    """Wait for ``serve`` to be ready, then print the review page's URL."""
+    import urllib.request
+
+    base = review_url.split("/review", 1)[0]
+    deadline = time.monotonic() + 30
+    while serve.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as answer:
+                if answer.status == 200:
+                    token = review_url.rsplit("=", 1)[1]
+                    print(
+                        f"\nreview page (the token is in the fragment):\n  {review_url}\n"
+                        f"API: {base}/openapi.json, e.g.\n"
+                        f"  curl -H 'Authorization: Bearer {token}' '{base}/v1/recordings?limit=5'"
+                    )
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    print(f"fileserver serve did not become ready; see {log_path}")
+    return False
 
 
 def _stop(worker: subprocess.Popen[bytes]) -> None:

@@ -133,3 +133,24 @@ def start_worker(
         )
     finally:
         log.close()
+
+
+def start_serve(
+    stack: StackConfig, *, log_path: Path, extra_env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``fileserver serve`` (the read API and the review page) as a real child
+    process logging to ``log_path``; ``extra_env`` carries its FILESERVER_SERVE_*."""
+    env = dict(os.environ)
+    env.update(stack.env())
+    env.update(extra_env or {})
+    log = log_path.open("ab")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fileserver", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        log.close()
