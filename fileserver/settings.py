@@ -155,7 +155,7 @@ class Settings:
     # Larger files are not analysed (logged; columns NULL): 4 MiB is 20+ minutes of
     # Janus' 24 kbit/s, far over any talk burst; decoding is in 3 s blocks anyway.
     analysis_max_bytes: int = 4 * 1024 * 1024
-    # Analyses running at once (threads): each is CPU only (~1 ms per second of audio).
+    # Analyses running at once (threads): each is CPU only (~0.5 ms per second of audio).
     analysis_threads: int = 2
     # WebRTC VAD aggressiveness 0-3; 3 rejects the most non-speech (radio hiss, clicks).
     analysis_vad_mode: int = 3
@@ -167,9 +167,11 @@ class Settings:
     # Less speech than this in a burst is an empty burst (a kerchunk): shorter than any
     # word ("no", "yes" are 250-400 ms) and longer than a key-up click.
     analysis_min_speech_ms: int = 300
-    # Samples at or above this level count as clipped (an MP3 decoder clamps the
-    # encoder's overshoot to full scale; -0.1 dBFS catches those and nothing else).
-    analysis_clip_dbfs: float = -0.1
+    # Samples at or above this level count as clipped. The MP3 encoder turns a clipped
+    # waveform's flat tops into ripple a few tenths of a dB under full scale (a clipped
+    # tone decodes to a plateau at -0.5..-0.04 dBFS) and the decoder clamps overshoot to
+    # full scale: -0.5 dBFS counts both; unclipped audio has only isolated peaks there.
+    analysis_clip_dbfs: float = -0.5
     dlq_max_consecutive: int = 100
     dlq_breaker_cooldown_s: float = 60.0
     dlq_breaker_max_hold_s: float = 900.0
