@@ -24,7 +24,13 @@ lint: setup
 unit: setup
 	$(BIN)/python -m pytest tests/unit -q -p no:cacheprovider
 
+# Debian packages the suite uses: headless Chromium (the review page), espeak-ng, sox and
+# ffmpeg (the speech-analysis corpus is made at test time).
+TEST_DEBS := chromium espeak-ng sox ffmpeg
+
 test: lint
+	@missing=""; for c in $(TEST_DEBS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_DEBS); fi
 	$(BIN)/python -m tests.servers.kafka --fetch
 	$(BIN)/python -m tests.servers.toxiproxy --fetch
 	$(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15
