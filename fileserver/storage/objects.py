@@ -235,8 +235,14 @@ class ObjectStore:
 
     async def list_objects(self, *, page_size: int = 1000) -> AsyncIterator[ListedObject]:
         """Every object of the bucket in key order (S3 lists in UTF-8 byte order), one
-        ``list_objects_v2`` page at a time, each call with its own deadline."""
-        token: dict[str, str] = {}
+        ``list_objects_v2`` page at a time, each call with its own deadline.
+
+        Pages are chained with ``StartAfter`` = the last key seen rather than the
+        continuation token: S3Proxy 2.6.0 sends that token URL-encoded (boto3 asks for
+        ``encoding-type=url``) and takes it back literally, so a page ending on a key such
+        as ``~.mp3`` restarted the listing for ever. A listing that does not move forward
+        is an error, never a loop."""
+        after: str | None = None
         while True:
             page: dict[str, Any] = await self._run(
                 "list_objects_v2",
@@ -244,18 +250,24 @@ class ObjectStore:
                 self._client.list_objects_v2,
                 Bucket=self.bucket,
                 MaxKeys=page_size,
-                **token,
+                **({} if after is None else {"StartAfter": after}),
             )
-            for item in page.get("Contents", []):
+            contents = page.get("Contents", [])
+            for item in contents:
+                key = str(item["Key"])
+                if after is not None and key.encode() <= after.encode():
+                    raise DependencyUnavailable(
+                        "s3", f"the listing of {self.bucket} went back to {key!r} after {after!r}"
+                    )
+                after = key
                 yield ListedObject(
-                    key=str(item["Key"]),
+                    key=key,
                     size=int(item["Size"]),
                     etag=etag_value(item.get("ETag")),
                     last_modified=item["LastModified"],
                 )
-            if not page.get("IsTruncated"):
+            if not page.get("IsTruncated") or not contents:
                 return
-            token = {"ContinuationToken": str(page["NextContinuationToken"])}
 
     async def move(self, key: str, target: str) -> None:
         """Copy ``key`` to ``target`` (metadata kept), check the copy, delete ``key``."""
