@@ -99,14 +99,22 @@ def install_scrubbing() -> None:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line; a record's ``extra={"fields": {...}}`` become keys."""
+    """One JSON object per log line; a record's ``extra={"fields": {...}}`` become keys.
+
+    Never drops a record: a value JSON cannot encode (a datetime, a Path, an exception)
+    is written as its ``str()``, and a message whose %-format does not match its
+    arguments is written as the format and the arguments."""
 
     def format(self, record: logging.LogRecord) -> str:
+        try:
+            message = record.getMessage()
+        except Exception as exc:  # a broken %-format: keep what there is
+            message = f"{record.msg!r} % {record.args!r} ({type(exc).__name__}: {exc})"
         doc: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": message,
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
@@ -118,13 +126,67 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = record.exc_text
         if record.stack_info:
             doc["stack"] = record.stack_info
-        return json.dumps(doc, ensure_ascii=False)
+        return dumps(doc)
 
 
-def configure(level: str = "INFO", *, json_lines: bool | None = None) -> None:
-    """Configure the root logger once; JSON lines when stderr is not a terminal."""
+def _text(value: object) -> str:
+    """What a value JSON cannot encode is written as: its ``str()``, scrubbed."""
+    try:
+        return scrub(str(value))
+    except Exception:
+        return object.__repr__(value)
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    """``doc`` as one JSON line, whatever its values (see :class:`JsonFormatter`)."""
+    try:
+        return json.dumps(doc, ensure_ascii=False, default=_text)
+    except (TypeError, ValueError, RecursionError):  # circular, or keys json refuses
+        return json.dumps(
+            {
+                str(k): v if isinstance(v, str | int | float | bool | None) else _text(v)
+                for k, v in doc.items()
+            },
+            ensure_ascii=False,
+        )
+
+
+#: ``--log-format`` / ``FILESERVER_LOG_FORMAT``: ``auto`` is JSON unless stderr is a terminal.
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def wants_json(log_format: str = "auto", stream: Any = None) -> bool:
+    """Whether ``log_format`` means JSON lines on ``stream`` (stderr by default)."""
+    if log_format == "json":
+        return True
+    if log_format == "text":
+        return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):
+        return True
+
+
+def fatal(message: str, *, json_lines: bool, status: int, **fields: Any) -> None:
+    """Write a command's fatal error to stderr: ``fileserver: message`` on a terminal, one
+    JSON line (level ``critical``, ``exit_status``) among the JSON logs otherwise."""
+    message = scrub(message)
+    if not json_lines:
+        print(f"fileserver: {message}", file=sys.stderr, flush=True)
+        return
+    record = logging.LogRecord("fileserver", logging.CRITICAL, __file__, 0, message, None, None)
+    record.fields = {"exit_status": status, **fields}
+    print(JsonFormatter().format(record), file=sys.stderr, flush=True)
+
+
+def configure(
+    level: str = "INFO", *, json_lines: bool | None = None, log_format: str = "auto"
+) -> None:
+    """Configure the root logger; JSON lines unless ``log_format`` is ``text``, or is
+    ``auto`` and stderr is a terminal (``json_lines`` overrides ``log_format``)."""
     if json_lines is None:
-        json_lines = not sys.stderr.isatty()
+        json_lines = wants_json(log_format)
     register_secrets(os.environ.get(name) for name in SECRET_ENV_VARS)
     install_scrubbing()
     handler = logging.StreamHandler(sys.stderr)

@@ -162,7 +162,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="only dead letters with this reason (repeatable)",
     )
     p.add_argument(
-        "--topic", default=None, help="only dead letters read from this topic (default: any)"
+        "--topic",
+        default=None,
+        metavar="TOPIC",
+        help="only dead letters read from this topic (default: any)",
     )
     p.add_argument(
         "--partition",
@@ -184,7 +187,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="ISO-8601",
         help="only dead letters that failed before this time (naive = UTC)",
     )
-    p.add_argument("--limit", type=int, default=None, help="at most this many dead letters")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N dead letters")
     add_concurrency(p, "dead letters")
     p.add_argument(
         "--dry-run",

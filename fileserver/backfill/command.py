@@ -77,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rng = bf.add_argument_group("range")
-    rng.add_argument("--topic", help="topic to replay (default FILESERVER_TOPIC)")
+    rng.add_argument("--topic", metavar="TOPIC", help="topic to replay (default FILESERVER_TOPIC)")
     rng.add_argument(
         "--partition",
         type=int,

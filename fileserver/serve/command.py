@@ -37,8 +37,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "as SHA-256 hashes in FILESERVER_SERVE_TOKENS (see --new-token). A process of its "
         "own: the worker keeps ingesting.",
     )
-    serve.add_argument("--host", default=None, help="listen address (FILESERVER_SERVE_HOST)")
-    serve.add_argument("--port", type=int, default=None, help="port (FILESERVER_SERVE_PORT)")
+    serve.add_argument(
+        "--host", default=None, metavar="HOST", help="listen address (FILESERVER_SERVE_HOST)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=None, metavar="PORT", help="port (FILESERVER_SERVE_PORT)"
+    )
     serve.add_argument(
         "--new-token",
         action="store_true",

@@ -201,3 +201,48 @@ def test_settings_are_immutable() -> None:
     s = Settings.from_env({})
     with pytest.raises(AttributeError):
         s.topic = "x"  # type: ignore[misc]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    from fileserver.settings import SettingsError
+
+    env = {
+        "FILESERVER_CONCURRENCY": "many",
+        "FILESERVER_MAX_PENDING": "-1",
+        "FILESERVER_LOG_LEVEL": "loud",
+        "FILESERVER_ANALYSIS_VAD_MODE": "7",
+    }
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(env)
+    problems = raised.value.problems
+    assert len(problems) == 4, problems
+    for name in env:
+        assert any(name in p for p in problems), name
+    assert str(raised.value).startswith("4 settings are wrong: ")
+    settings, listed = Settings.read(env)
+    assert listed == problems
+    assert settings.concurrency == Settings().concurrency  # the default stands in
+
+
+def test_unknown_variables_name_the_closest_setting() -> None:
+    from fileserver.settings import unknown_variables
+
+    env = {
+        "FILESERVER_CONCURENCY": "500",
+        "FILESERVER_XYZZY": "1",
+        "FILESERVER_TEST_DATABASE_URL": "x",  # the test suite's own
+        "FILESERVER_WEED_BIN": "/bin/weed",  # the dev stack's
+        "FILESERVER_TOPIC": "t",
+        "OTHER": "1",
+    }
+    assert unknown_variables(env) == [
+        ("FILESERVER_CONCURENCY", "FILESERVER_CONCURRENCY"),
+        ("FILESERVER_XYZZY", None),
+    ]
+
+
+def test_every_setting_is_documented_once() -> None:
+    from fileserver.settings import DOCS
+
+    assert set(DOCS) == {f.name for f in fields(Settings)}
+    assert all(doc.meaning.strip() for doc in DOCS.values())
