@@ -523,9 +523,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "FILESERVER_DATABASE_URL. Read-only unless --repair: then a row's object is "
         "downloaded again from its source_url (kept only if its md5 and size equal the row's) "
         "and orphan objects are moved under --quarantine-prefix. Exit status: 0 they agree "
-        "(after repair), 1 inconsistencies remain, 2 configuration error (a database or "
-        "bucket unreachable at the start included, as for the worker), 3 the database or "
-        "the bucket became unreachable during the run.",
+        "(after repair), 1 inconsistencies remain, 2 configuration error, 3 the database or "
+        "the bucket unreachable (at the start or during the run), 130 interrupted.",
     )
     rc.add_argument("--repair", action="store_true", help="fix what can be fixed")
     rc.add_argument(

@@ -152,7 +152,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "  fileserver redrive --reason invalid_audio --partition 3 --limit 100\n\n"
         "exit status: 0 every selected dead letter recovered (or none selected),\n"
         "1 some failed again (they stay dead letters with their new reason),\n"
-        "2 configuration error.",
+        "2 configuration error, 3 a dependency unreachable, 130 interrupted.",
     )
     p.add_argument(
         "--reason",

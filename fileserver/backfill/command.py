@@ -52,10 +52,10 @@ otherwise; a summary table on stdout at the end. Ctrl-C (or SIGTERM) stops clean
 in-flight events are abandoned (a later run redoes them) and the summary says how to
 resume.
 
-Exit status: 0 every event ended as a row or a skip; 1 some were dead-lettered, a
---verify problem or an error; 2 configuration error (bad range, unknown topic or
-partition, unreachable database or bucket); 3 broker unreachable; 4 stopped by the
-dead-letter breaker (run the printed resume command); 130 interrupted."""
+Exit status (the table of `fileserver --help`): 0 every event ended as a row or a skip;
+1 some were dead-lettered, a --verify problem or an error; 2 configuration error (bad
+range, unknown topic or partition); 3 the database, the bucket or the broker unreachable;
+4 stopped by the dead-letter breaker (run the printed resume command); 130 interrupted."""
 
 BACKFILL_EPILOG = """\
 examples:
