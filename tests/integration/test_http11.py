@@ -303,10 +303,35 @@ async def test_garbage_from_the_server_is_a_protocol_error() -> None:
 
     async with running(garbage) as srv:
         pool = pool_for(srv)
-        with pytest.raises(ProtocolError, match=r"not an HTTP/1\.x status line"):
+        with pytest.raises(ProtocolError, match=r"invalid HTTP/1\.1 response: Expected HTTP/"):
             await put(pool, "/x")
         assert pool.open_connections == 0
         await pool.aclose()
+
+
+async def test_a_content_length_that_is_not_ascii_digits_is_named_not_a_disconnect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``Content-Length: ²`` (0xB2 passes str.isdigit()) once raised ValueError inside
+    data_received: asyncio logged a fatal error and the caller read "server closed the
+    connection". It is a ProtocolError naming the header, and nothing is logged."""
+
+    async def superscript(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server
+    ) -> None:
+        await srv.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nok")
+        await srv.wait_client_close(reader)
+
+    async with running(superscript) as srv:
+        pool = pool_for(srv)
+        with pytest.raises(ProtocolError, match="Invalid character in Content-Length") as info:
+            await put(pool, "/x")
+        assert not isinstance(info.value, ServerDisconnected)
+        assert pool.open_connections == 0
+        await wait_for_client_close(srv)
+        await pool.aclose()
+    assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
 async def test_nothing_listening_is_a_connect_error() -> None:
