@@ -28,6 +28,14 @@ so an upgrade is re-read here rather than discovered in production.
 The fencing fix added none: the generation fence lives in fileserver's own window
 (:class:`fileserver.worker.IntakeWindow`), and the poll interval is faust's public
 ``broker_max_poll_interval`` setting.
+
+Static membership and the rebalance log added none either, and are guarded by the same
+test because an upgrade could still move them: ``FILESERVER_GROUP_INSTANCE_ID`` is faust's
+public ``consumer_group_instance_id`` setting, which faust's worker consumer passes to
+``aiokafka.AIOKafkaConsumer(group_instance_id=...)``; assignments and revocations are
+logged from faust's public ``App.on_partitions_assigned`` / ``on_partitions_revoked``
+signals, with the generation from ``App.consumer_generation_id`` (a public attribute of
+faust's ``AppT``, set before the assignment signal is sent).
 """
 
 from __future__ import annotations

@@ -3,19 +3,23 @@
 :class:`Metrics` owns a dedicated :class:`~prometheus_client.CollectorRegistry` (nothing
 is registered in prometheus_client's global registry). The pipeline, the processor and
 the worker record into the process-wide instance returned by :func:`get_metrics`;
-tests build their own. :mod:`fileserver.web` serves :meth:`Metrics.render` on
-``/metrics``. Gauges that describe live state (in-flight events, consumer lag, download
-memory) are computed when scraped, from callbacks the worker installs.
+tests build their own. :mod:`fileserver.web` serves the registry on ``/metrics``
+through prometheus_client's aiohttp handler (Prometheus text or OpenMetrics, as the
+scraper asks; gzip when it accepts it). Gauges that describe live state (in-flight
+events, consumer lag, download memory) are computed when scraped, from callbacks the
+worker installs.
 """
 
 from __future__ import annotations
 
+import platform
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
 
 from prometheus_client import (
@@ -30,6 +34,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from fileserver import __version__
 from fileserver.errors import Reason
 from fileserver.events import SKIPPED_TYPES
 
@@ -62,6 +67,8 @@ OTHER_GROUPS = "other"
 LAG_NAME = f"{PREFIX}_consumer_lag"
 LAG_HELP = "Records of an assigned partition after the group's committed offset (end - committed)."
 
+BUILD_INFO_LABELS = ("version", "python", "faust", "aiokafka")
+
 # (topic, partition, lag) for every assigned partition, computed when scraped.
 LagSource = Callable[[], Iterable[tuple[str, int, int]]]
 
@@ -71,6 +78,23 @@ class HeldBytes(Protocol):
 
     @property
     def held(self) -> int: ...
+
+
+def _installed(distribution: str) -> str:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_labels() -> dict[str, str]:
+    """The ``fileserver_build_info`` labels of this process."""
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "faust": _installed("faust-streaming"),
+        "aiokafka": _installed("aiokafka"),
+    }
 
 
 def dependency_label(dependency: str) -> str:
@@ -220,6 +244,13 @@ class Metrics:
             "CPU seconds spent analysing bursts (per burst: divide by analysed analyses).",
             registry=r,
         )
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info",
+            "Always 1; the labels name the fileserver, Python, faust and aiokafka versions.",
+            BUILD_INFO_LABELS,
+            registry=r,
+        )
+        self.build_info.labels(**build_labels()).set(1)
         self._empty_groups: set[str] = set()
         self._is_paused = False
         # Read when scraped: nothing is recorded per chunk; a fetcher's budget leaves with it.

@@ -1,5 +1,9 @@
 """The worker's one small HTTP server: ``/metrics``, ``/healthz`` and ``/readyz``.
 
+``/metrics`` is prometheus_client's aiohttp handler over the worker's registry: the
+Prometheus text format, or OpenMetrics for ``Accept: application/openmetrics-text``,
+gzip-compressed when the request's ``Accept-Encoding`` allows it.
+
 faust's own web server stays off; this aiohttp server listens on
 ``FILESERVER_METRICS_HOST``:``FILESERVER_METRICS_PORT``. The socket is bound before faust
 starts (:meth:`Observability.bind`), so a port already in use stops the worker at
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from faust import Service
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from fileserver.errors import ConfigError, DependencyUnavailable
 from fileserver.metrics import LagSource, Metrics, get_metrics
@@ -224,7 +229,9 @@ class WebServer:
 
     def application(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
+        # prometheus_client's handler: Prometheus text, or OpenMetrics when the scraper's
+        # Accept asks for it; gzip (aiohttp's compression) when Accept-Encoding allows it.
+        app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         return app
@@ -241,12 +248,6 @@ class WebServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body, content_type = self.metrics.render()
-        response = web.Response(body=body)
-        response.headers["Content-Type"] = content_type
-        return response
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})

@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import faust
@@ -189,6 +189,68 @@ def _pause_on_outage(app: faust.App) -> Callable[[bool], None]:
     return listener
 
 
+def partitions_text(partitions: Iterable[Any]) -> str:
+    """``events[0,2] other[1]``: topic partitions, grouped by topic, in order."""
+    by_topic: dict[str, list[int]] = {}
+    for tp in partitions:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    text = " ".join(
+        f"{topic}[{','.join(map(str, sorted(parts)))}]" for topic, parts in sorted(by_topic.items())
+    )
+    return text or "none"
+
+
+def _partition_fields(partitions: Iterable[Any]) -> list[str]:
+    return sorted(f"{tp.topic}/{tp.partition}" for tp in partitions)
+
+
+def log_rebalances(app: faust.App, instance_id: str | None) -> None:
+    """Log every partition assignment and revocation at INFO, through faust's public
+    ``on_partitions_assigned`` / ``on_partitions_revoked`` signals.
+
+    Assignment names the group generation (``app.consumer_generation_id``, set by faust
+    before it sends the signal): with static membership a restarted worker that got its
+    partitions back without a rebalance logs the generation its predecessor had.
+    faust sends the revocation signal after the drain (``_consumer_wait_empty``), not
+    at shutdown; the first join revokes nothing and is not logged."""
+
+    async def on_assigned(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        (assigned,) = args  # faust sends (app, assigned)
+        generation = getattr(app, "consumer_generation_id", None)
+        log.info(
+            "partitions assigned (generation %s): %s",
+            generation,
+            partitions_text(assigned),
+            extra={
+                "fields": {
+                    "rebalance": "assigned",
+                    "generation": generation,
+                    "partitions": _partition_fields(assigned),
+                    "group_instance_id": instance_id,
+                }
+            },
+        )
+
+    async def on_revoked(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        (revoked,) = args  # faust sends (app, revoked)
+        if not revoked:
+            return
+        log.info(
+            "partitions revoked: %s",
+            partitions_text(revoked),
+            extra={
+                "fields": {
+                    "rebalance": "revoked",
+                    "partitions": _partition_fields(revoked),
+                    "group_instance_id": instance_id,
+                }
+            },
+        )
+
+    app.on_partitions_assigned.connect(on_assigned)
+    app.on_partitions_revoked.connect(on_revoked)
+
+
 def build_app(settings: Settings) -> FileserverApp:
     """The faust app: one topic of raw bytes, one agent, commits driven by in-order acks."""
     app = FileserverApp(
@@ -214,12 +276,18 @@ def build_app(settings: Settings) -> FileserverApp:
         # heartbeat's job (faust runs it on the consumer thread), so, like Kafka Streams
         # did, set the poll interval to Kafka's maximum (Integer.MAX_VALUE ms, ~24.8 days).
         broker_max_poll_interval=MAX_POLL_INTERVAL_S,
+        # Static membership (KIP-345) when set: faust passes it to aiokafka's
+        # AIOKafkaConsumer(group_instance_id=...), sent in JoinGroup/SyncGroup/Heartbeat/
+        # OffsetCommit. A restarted worker with the same id gets its partitions back
+        # without a rebalance (and aiokafka sends no LeaveGroup on shutdown).
+        consumer_group_instance_id=settings.group_instance_id,
         stream_buffer_maxsize=max(64, settings.concurrency * 4),
         consumer_auto_offset_reset="earliest",
         topic_disable_leader=True,
         producer_acks=-1,
     )
     app.shutdown_grace_s = settings.shutdown_grace_s
+    log_rebalances(app, settings.group_instance_id)
     app.fetch_batching = (settings.kafka_fetch_min_bytes, settings.kafka_fetch_max_wait_ms)
     # /metrics, /healthz, /readyz: bound now (a busy port stops the start), served with the app.
     observability = Observability.bind(settings)

@@ -1,13 +1,15 @@
 """Observability of a real worker process on Apache Kafka + SeaweedFS + Postgres.
 
-The metrics endpoint is scraped during the run and its counters are checked against
-what happened; /readyz turns 503 with the reason during an S3 outage (the test's own
-bucket is deleted) and 200 again after it; every event outcome is one JSON log line.
+The metrics endpoint is scraped during the run (Prometheus text, OpenMetrics and gzip)
+and its counters are checked against what happened; /readyz turns 503 with the reason
+during an S3 outage (the test's own bucket is deleted) and 200 again after it; every
+event outcome is one JSON log line, and so is the partition assignment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import urllib.error
 import urllib.request
@@ -15,6 +17,9 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from fileserver.devstack.samples import (
@@ -42,6 +47,14 @@ def scrape(base: str) -> tuple[str, Samples]:
         for s in family.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return text, samples
+
+
+def fetch(base: str, **headers: str) -> tuple[dict[str, str], bytes]:
+    """GET /metrics with these headers: the response headers and the raw body."""
+    req = urllib.request.Request(f"{base}/metrics", headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:  # urllib never inflates gzip
+        assert resp.status == 200
+        return dict(resp.headers.items()), resp.read()
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -149,6 +162,23 @@ def test_scrape_readiness_and_logs_of_a_real_run(
         assert value(m, "fileserver_intake_paused") == 0
         assert value(m, "fileserver_intake_pauses_total") == 0
         assert value(m, "process_resident_memory_bytes") > 0
+        build = [k for k in m if k[0] == "fileserver_build_info"]
+        assert len(build) == 1 and m[build[0]] == 1
+        assert {"version", "python", "faust", "aiokafka"} == {k for k, _ in build[0][1]}
+        # OpenMetrics, as Prometheus asks for it; gzip when the scraper accepts it
+        headers, body = fetch(base, Accept="application/openmetrics-text; version=1.0.0")
+        assert headers["Content-Type"].startswith("application/openmetrics-text")
+        assert body.decode().endswith("# EOF\n")
+        om = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in openmetrics_families(body.decode())
+            for s in f.samples
+        }
+        assert om[("fileserver_events_total", (("outcome", "ingested"),))] == 5
+        assert om[build[0]] == 1
+        headers, body = fetch(base, **{"Accept-Encoding": "gzip"})
+        assert headers["Content-Encoding"] == "gzip"
+        assert b"fileserver_build_info{" in gzip.decompress(body)
         print(f"\n--- scrape of {base}/metrics (fileserver_* lines)\n")
         print("\n".join(line for line in text.splitlines() if "fileserver_" in line))
 
@@ -223,6 +253,12 @@ def test_scrape_readiness_and_logs_of_a_real_run(
     dead = {d["reason"]: d for d in by_outcome["dead_lettered"]}
     assert set(dead) == {"malformed_json", "source_not_found"}
     assert dead["source_not_found"]["uid"] == 99 and "404" in dead["source_not_found"]["detail"]
+    # The assignment, at INFO with the partitions and the group generation.
+    (assigned,) = [d for d in lines if d.get("rebalance") == "assigned"]
+    assert assigned["level"] == "info" and assigned["partitions"] == [f"{stack.topic}/0"]
+    assert assigned["msg"] == f"partitions assigned (generation {assigned['generation']}): " + (
+        f"{stack.topic}[0]"
+    )
     text = log.read_text()
     assert "\x1b" not in text, "terminal escape codes in a non-terminal log"
     assert stack.s3_secret_key not in text

@@ -76,3 +76,21 @@ def test_a_paused_worker_keeps_its_group_membership() -> None:
     assert MAX_POLL_INTERVAL_S == (2**31 - 1) / 1000
     assert app.conf.broker_max_poll_interval == MAX_POLL_INTERVAL_S
     assert app.conf.broker_session_timeout == Settings().session_timeout_s
+
+
+def test_the_public_hooks_of_static_membership_and_the_rebalance_log_exist() -> None:
+    """Not private, but what an upgrade must keep: the setting, how faust hands it to
+    aiokafka, the two signals and the generation attribute (see faust_private's notes)."""
+    from faust.types import AppT
+
+    app = FileserverApp("fileserver-unit", broker="kafka://127.0.0.1:9")
+    assert app.conf.consumer_group_instance_id is None
+    create = inspect.getsource(faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer)
+    assert "group_instance_id=conf.consumer_group_instance_id" in create
+    assert "group_instance_id" in inspect.signature(AIOKafkaConsumer).parameters
+    assert hasattr(app.on_partitions_assigned, "connect")
+    assert hasattr(app.on_partitions_revoked, "connect")
+    assert AppT.consumer_generation_id == 0
+    assert "app.consumer_generation_id = generation" in inspect.getsource(
+        faust_aiokafka.ConsumerRebalanceListener.on_partitions_assigned
+    )
