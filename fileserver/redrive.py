@@ -19,7 +19,7 @@ import logging
 import sys
 import textwrap
 from collections import Counter
-from typing import TextIO
+from typing import Any, TextIO
 
 from fileserver.cliargs import add_concurrency, parse_time, with_concurrency
 from fileserver.errors import PermanentError
@@ -192,9 +192,43 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="show what would happen to each selected dead letter; write nothing",
+        help="show what would happen to each selected dead letter; write nothing (reads "
+        "Postgres only: no Kafka, S3 or source is contacted)",
     )
     p.set_defaults(func=run_command)
+
+
+async def dry_run(settings: Settings, where: FailureFilter, out: TextIO = sys.stdout) -> int:
+    """``--dry-run``: what redriving would do, from Postgres alone (no Kafka, no S3, no
+    source is contacted: :func:`predict` reads the payload and the recordings table)."""
+    from types import SimpleNamespace
+
+    from fileserver.repository import Repository
+    from fileserver.runtime import make_engine
+
+    engine = make_engine(settings)
+    repo = Repository(engine)
+    try:
+        failures = await repo.list_failures(where)
+        by_reason = Counter(f.reason for f in failures)
+        print(
+            f"{len(failures)} dead letters selected"
+            + (f": {dict(sorted(by_reason.items()))}" if failures else ""),
+            file=out,
+        )
+        reader: Any = SimpleNamespace(repo=repo)
+        for failure in failures:
+            action = await predict(reader, failure)
+            print(
+                f"  {failure.kafka_topic}/{failure.kafka_partition}/"
+                f"{failure.kafka_offset} [{failure.reason}] would {action}",
+                file=out,
+            )
+        print("dry run: nothing was written", file=out)
+        return 0
+    finally:
+        await repo.close()
+        await engine.dispose()
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -207,6 +241,8 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         until=parse_time(args.until, "--until") if args.until else None,
         limit=args.limit,
     )
+    if args.dry_run:
+        return asyncio.run(dry_run(settings, where))
     concurrency = settings.concurrency if args.concurrency is None else max(1, args.concurrency)
     return asyncio.run(
         run_redrive(

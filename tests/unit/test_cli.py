@@ -324,3 +324,20 @@ def test_dev_without_the_dev_extra_is_one_clear_line(
     monkeypatch.setitem(sys.modules, "lameenc", None)  # `import lameenc` fails as if absent
     with pytest.raises(ConfigError, match=r"needs the \[dev\] extra .*fileserver\[dev\]"):
         dev.run_command(build_parser().parse_args(["dev"]), Settings())
+
+
+def test_redrive_dry_run_touches_postgres_only(
+    unreachable_env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No Kafka producer is made: with the broker and the database both down, the
+    database is what --dry-run reports."""
+    import fileserver.runtime
+
+    def no_kafka(settings: Settings) -> Any:
+        raise AssertionError("redrive --dry-run made a Kafka producer")
+
+    monkeypatch.setattr(fileserver.runtime, "make_producer", no_kafka)
+    assert cli.main(["--log-format", "text", "redrive", "--dry-run"]) == exits.UNREACHABLE
+    assert "FILESERVER_DATABASE_URL" in capsys.readouterr().err
