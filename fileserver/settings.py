@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -85,6 +85,7 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 
 # Kafka's rule for topic names, which group.instance.id shares (JoinGroupRequest).
 _KAFKA_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}")
+LOG_FORMATS = ("AUTO", "JSON", "TEXT")  # upper case, as _choice compares
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 SECRET_FIELDS = frozenset({"kafka_sasl_password", "kafka_ssl_key_password"})
@@ -198,6 +199,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
     log_level: str = "INFO"
+    log_format: str = "auto"
     commit_interval_s: float = 1.0
     db_batch_rows: int = 100
     db_batch_linger_ms: float = 10.0
@@ -218,161 +220,193 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from an environment mapping (``os.environ`` by default)."""
-        e = os.environ if env is None else env
-        d = cls()
-        settings = cls(
-            kafka_bootstrap=_str(e, "KAFKA_BOOTSTRAP", d.kafka_bootstrap),
-            kafka_security_protocol=_choice(
-                e, "KAFKA_SECURITY_PROTOCOL", d.kafka_security_protocol, KAFKA_SECURITY_PROTOCOLS
-            ),
-            kafka_sasl_mechanism=_choice(
-                e, "KAFKA_SASL_MECHANISM", d.kafka_sasl_mechanism, KAFKA_SASL_MECHANISMS
-            ),
-            kafka_sasl_username=_opt(e, "KAFKA_SASL_USERNAME"),
-            kafka_sasl_password=e.get(PREFIX + "KAFKA_SASL_PASSWORD") or None,
-            kafka_ssl_cafile=_opt(e, "KAFKA_SSL_CAFILE"),
-            kafka_ssl_certfile=_opt(e, "KAFKA_SSL_CERTFILE"),
-            kafka_ssl_keyfile=_opt(e, "KAFKA_SSL_KEYFILE"),
-            kafka_ssl_key_password=e.get(PREFIX + "KAFKA_SSL_KEY_PASSWORD") or None,
-            topic=_str(e, "TOPIC", d.topic),
-            group_id=_str(e, "GROUP_ID", d.group_id),
-            group_instance_id=_opt(e, "GROUP_INSTANCE_ID"),
-            dlq_topic=_str(e, "DLQ_TOPIC", d.dlq_topic),
-            database_url=_str(e, "DATABASE_URL", d.database_url),
-            s3_endpoint_url=_opt(e, "S3_ENDPOINT_URL"),
-            s3_bucket=_str(e, "S3_BUCKET", d.s3_bucket),
-            s3_region=_opt(e, "S3_REGION"),
-            s3_verify=_verify(e, "S3_VERIFY"),
-            allowed_sources=_list(e, "ALLOWED_SOURCES"),
-            max_file_bytes=_int(e, "MAX_FILE_BYTES", d.max_file_bytes, 1),
-            max_duration_s=_int(e, "MAX_DURATION_S", d.max_duration_s, 1),
-            source_retry_s=_float(e, "SOURCE_RETRY_S", d.source_retry_s),
-            not_found_grace_s=_float(e, "NOT_FOUND_GRACE_S", d.not_found_grace_s),
-            analysis_enabled=_bool(e, "ANALYSIS_ENABLED", d.analysis_enabled),
-            analysis_max_bytes=_int(e, "ANALYSIS_MAX_BYTES", d.analysis_max_bytes, 0),
-            analysis_threads=_int(e, "ANALYSIS_THREADS", d.analysis_threads, 1),
-            analysis_vad_mode=_int(e, "ANALYSIS_VAD_MODE", d.analysis_vad_mode, 0),
-            analysis_speech_min_dbfs=_float(
-                e, "ANALYSIS_SPEECH_MIN_DBFS", d.analysis_speech_min_dbfs, -120.0
-            ),
-            analysis_speech_snr_db=_float(e, "ANALYSIS_SPEECH_SNR_DB", d.analysis_speech_snr_db),
-            analysis_min_speech_ms=_int(e, "ANALYSIS_MIN_SPEECH_MS", d.analysis_min_speech_ms, 0),
-            analysis_clip_dbfs=_float(e, "ANALYSIS_CLIP_DBFS", d.analysis_clip_dbfs, -120.0),
-            dlq_max_consecutive=_int(e, "DLQ_MAX_CONSECUTIVE", d.dlq_max_consecutive, 0),
-            dlq_breaker_cooldown_s=_float(
-                e, "DLQ_BREAKER_COOLDOWN_S", d.dlq_breaker_cooldown_s, 0.1
-            ),
-            dlq_breaker_max_hold_s=_float(e, "DLQ_BREAKER_MAX_HOLD_S", d.dlq_breaker_max_hold_s),
-            shutdown_grace_s=_float(e, "SHUTDOWN_GRACE_S", d.shutdown_grace_s),
-            concurrency=_int(e, "CONCURRENCY", d.concurrency, 1),
-            max_pending=_int(e, "MAX_PENDING", d.max_pending, 1),
-            download_memory_bytes=_int(e, "DOWNLOAD_MEMORY_BYTES", d.download_memory_bytes, 0),
-            max_downloads_per_source=_int(
-                e, "MAX_DOWNLOADS_PER_SOURCE", d.max_downloads_per_source, 1
-            ),
-            connect_timeout_s=_float(e, "CONNECT_TIMEOUT_S", d.connect_timeout_s, 0.1),
-            read_timeout_s=_float(e, "READ_TIMEOUT_S", d.read_timeout_s, 0.1),
-            fetch_timeout_s=_float(e, "FETCH_TIMEOUT_S", d.fetch_timeout_s, 0.1),
-            multipart_threshold_bytes=_int(
-                e, "MULTIPART_THRESHOLD_BYTES", d.multipart_threshold_bytes, 5 * 1024 * 1024
-            ),
-            multipart_chunk_bytes=_int(
-                e, "MULTIPART_CHUNK_BYTES", d.multipart_chunk_bytes, 5 * 1024 * 1024
-            ),
-            tmp_dir=_opt(e, "TMP_DIR"),
-            web_port=_int(e, "WEB_PORT", d.web_port, 0),
-            web_enabled=_bool(e, "WEB_ENABLED", d.web_enabled),
-            metrics_host=_str(e, "METRICS_HOST", d.metrics_host),
-            metrics_port=_int(e, "METRICS_PORT", d.metrics_port, 0),
-            log_level=_level(e, "LOG_LEVEL", d.log_level),
-            commit_interval_s=_float(e, "COMMIT_INTERVAL_S", d.commit_interval_s, 0.05),
-            db_batch_rows=_int(e, "DB_BATCH_ROWS", d.db_batch_rows, 1),
-            db_batch_linger_ms=_float(e, "DB_BATCH_LINGER_MS", d.db_batch_linger_ms, 0.0),
-            http_transport=_str(e, "HTTP_TRANSPORT", d.http_transport).lower(),
-            s3_transport=_str(e, "S3_TRANSPORT", d.s3_transport).lower(),
-            s3_threads=_int(e, "S3_THREADS", d.s3_threads, 1),
-            session_timeout_s=_float(e, "SESSION_TIMEOUT_S", d.session_timeout_s, 1.0),
-            kafka_fetch_min_bytes=_int(e, "KAFKA_FETCH_MIN_BYTES", d.kafka_fetch_min_bytes, 1),
-            kafka_fetch_max_wait_ms=_int(
-                e, "KAFKA_FETCH_MAX_WAIT_MS", d.kafka_fetch_max_wait_ms, 0
-            ),
-            rebalance_timeout_s=_float(e, "REBALANCE_TIMEOUT_S", d.rebalance_timeout_s, 1.0),
-            db_statement_timeout_s=_float(
-                e, "DB_STATEMENT_TIMEOUT_S", d.db_statement_timeout_s, 0.1
-            ),
-            internal_error_attempts=_int(
-                e, "INTERNAL_ERROR_ATTEMPTS", d.internal_error_attempts, 1
-            ),
-            serve_host=_str(e, "SERVE_HOST", d.serve_host),
-            serve_port=_int(e, "SERVE_PORT", d.serve_port, 0),
-            serve_tokens=_list(e, "SERVE_TOKENS"),
-            serve_presign_ttl_s=_int(e, "SERVE_PRESIGN_TTL_S", d.serve_presign_ttl_s, 1),
-        )
-        settings.validate()
+        """Build settings from an environment mapping (``os.environ`` by default); raise
+        :class:`SettingsError` listing every problem at once."""
+        settings, problems = cls.read(env)
+        if problems:
+            raise SettingsError(problems)
         return settings
 
+    @classmethod
+    def read(cls, env: Mapping[str, str] | None = None) -> tuple[Settings, list[str]]:
+        """The settings of ``env`` and every problem with them (one message each, naming
+        the setting); a value that cannot be read is replaced by its default."""
+        e = os.environ if env is None else env
+        d = cls()
+        problems: list[str] = []
+
+        def get(parse: Callable[..., Any], name: str, *args: Any) -> Any:
+            """One setting; a bad value is noted (all are reported at once) and the
+            default stands in for it meanwhile."""
+            try:
+                return parse(e, name, *args)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                return getattr(d, name.lower())
+
+        settings = cls(
+            kafka_bootstrap=get(_str, "KAFKA_BOOTSTRAP", d.kafka_bootstrap),
+            kafka_security_protocol=get(
+                _choice,
+                "KAFKA_SECURITY_PROTOCOL",
+                d.kafka_security_protocol,
+                KAFKA_SECURITY_PROTOCOLS,
+            ),
+            kafka_sasl_mechanism=get(
+                _choice, "KAFKA_SASL_MECHANISM", d.kafka_sasl_mechanism, KAFKA_SASL_MECHANISMS
+            ),
+            kafka_sasl_username=get(_opt, "KAFKA_SASL_USERNAME"),
+            kafka_sasl_password=e.get(PREFIX + "KAFKA_SASL_PASSWORD") or None,
+            kafka_ssl_cafile=get(_opt, "KAFKA_SSL_CAFILE"),
+            kafka_ssl_certfile=get(_opt, "KAFKA_SSL_CERTFILE"),
+            kafka_ssl_keyfile=get(_opt, "KAFKA_SSL_KEYFILE"),
+            kafka_ssl_key_password=e.get(PREFIX + "KAFKA_SSL_KEY_PASSWORD") or None,
+            topic=get(_str, "TOPIC", d.topic),
+            group_id=get(_str, "GROUP_ID", d.group_id),
+            group_instance_id=get(_opt, "GROUP_INSTANCE_ID"),
+            dlq_topic=get(_str, "DLQ_TOPIC", d.dlq_topic),
+            database_url=get(_str, "DATABASE_URL", d.database_url),
+            s3_endpoint_url=get(_opt, "S3_ENDPOINT_URL"),
+            s3_bucket=get(_str, "S3_BUCKET", d.s3_bucket),
+            s3_region=get(_opt, "S3_REGION"),
+            s3_verify=get(_verify, "S3_VERIFY"),
+            allowed_sources=get(_list, "ALLOWED_SOURCES"),
+            max_file_bytes=get(_int, "MAX_FILE_BYTES", d.max_file_bytes, 1),
+            max_duration_s=get(_int, "MAX_DURATION_S", d.max_duration_s, 1),
+            source_retry_s=get(_float, "SOURCE_RETRY_S", d.source_retry_s),
+            not_found_grace_s=get(_float, "NOT_FOUND_GRACE_S", d.not_found_grace_s),
+            analysis_enabled=get(_bool, "ANALYSIS_ENABLED", d.analysis_enabled),
+            analysis_max_bytes=get(_int, "ANALYSIS_MAX_BYTES", d.analysis_max_bytes, 0),
+            analysis_threads=get(_int, "ANALYSIS_THREADS", d.analysis_threads, 1),
+            analysis_vad_mode=get(_int, "ANALYSIS_VAD_MODE", d.analysis_vad_mode, 0),
+            analysis_speech_min_dbfs=get(
+                _float, "ANALYSIS_SPEECH_MIN_DBFS", d.analysis_speech_min_dbfs, -120.0
+            ),
+            analysis_speech_snr_db=get(_float, "ANALYSIS_SPEECH_SNR_DB", d.analysis_speech_snr_db),
+            analysis_min_speech_ms=get(_int, "ANALYSIS_MIN_SPEECH_MS", d.analysis_min_speech_ms, 0),
+            analysis_clip_dbfs=get(_float, "ANALYSIS_CLIP_DBFS", d.analysis_clip_dbfs, -120.0),
+            dlq_max_consecutive=get(_int, "DLQ_MAX_CONSECUTIVE", d.dlq_max_consecutive, 0),
+            dlq_breaker_cooldown_s=get(
+                _float, "DLQ_BREAKER_COOLDOWN_S", d.dlq_breaker_cooldown_s, 0.1
+            ),
+            dlq_breaker_max_hold_s=get(_float, "DLQ_BREAKER_MAX_HOLD_S", d.dlq_breaker_max_hold_s),
+            shutdown_grace_s=get(_float, "SHUTDOWN_GRACE_S", d.shutdown_grace_s),
+            concurrency=get(_int, "CONCURRENCY", d.concurrency, 1),
+            max_pending=get(_int, "MAX_PENDING", d.max_pending, 1),
+            download_memory_bytes=get(_int, "DOWNLOAD_MEMORY_BYTES", d.download_memory_bytes, 0),
+            max_downloads_per_source=get(
+                _int, "MAX_DOWNLOADS_PER_SOURCE", d.max_downloads_per_source, 1
+            ),
+            connect_timeout_s=get(_float, "CONNECT_TIMEOUT_S", d.connect_timeout_s, 0.1),
+            read_timeout_s=get(_float, "READ_TIMEOUT_S", d.read_timeout_s, 0.1),
+            fetch_timeout_s=get(_float, "FETCH_TIMEOUT_S", d.fetch_timeout_s, 0.1),
+            multipart_threshold_bytes=get(
+                _int, "MULTIPART_THRESHOLD_BYTES", d.multipart_threshold_bytes, 5 * 1024 * 1024
+            ),
+            multipart_chunk_bytes=get(
+                _int, "MULTIPART_CHUNK_BYTES", d.multipart_chunk_bytes, 5 * 1024 * 1024
+            ),
+            tmp_dir=get(_opt, "TMP_DIR"),
+            web_port=get(_int, "WEB_PORT", d.web_port, 0),
+            web_enabled=get(_bool, "WEB_ENABLED", d.web_enabled),
+            metrics_host=get(_str, "METRICS_HOST", d.metrics_host),
+            metrics_port=get(_int, "METRICS_PORT", d.metrics_port, 0),
+            log_level=get(_level, "LOG_LEVEL", d.log_level),
+            log_format=get(_choice, "LOG_FORMAT", d.log_format, LOG_FORMATS).lower(),
+            commit_interval_s=get(_float, "COMMIT_INTERVAL_S", d.commit_interval_s, 0.05),
+            db_batch_rows=get(_int, "DB_BATCH_ROWS", d.db_batch_rows, 1),
+            db_batch_linger_ms=get(_float, "DB_BATCH_LINGER_MS", d.db_batch_linger_ms, 0.0),
+            http_transport=get(_str, "HTTP_TRANSPORT", d.http_transport).lower(),
+            s3_transport=get(_str, "S3_TRANSPORT", d.s3_transport).lower(),
+            s3_threads=get(_int, "S3_THREADS", d.s3_threads, 1),
+            session_timeout_s=get(_float, "SESSION_TIMEOUT_S", d.session_timeout_s, 1.0),
+            kafka_fetch_min_bytes=get(_int, "KAFKA_FETCH_MIN_BYTES", d.kafka_fetch_min_bytes, 1),
+            kafka_fetch_max_wait_ms=get(
+                _int, "KAFKA_FETCH_MAX_WAIT_MS", d.kafka_fetch_max_wait_ms, 0
+            ),
+            rebalance_timeout_s=get(_float, "REBALANCE_TIMEOUT_S", d.rebalance_timeout_s, 1.0),
+            db_statement_timeout_s=get(
+                _float, "DB_STATEMENT_TIMEOUT_S", d.db_statement_timeout_s, 0.1
+            ),
+            internal_error_attempts=get(
+                _int, "INTERNAL_ERROR_ATTEMPTS", d.internal_error_attempts, 1
+            ),
+            serve_host=get(_str, "SERVE_HOST", d.serve_host),
+            serve_port=get(_int, "SERVE_PORT", d.serve_port, 0),
+            serve_tokens=get(_list, "SERVE_TOKENS"),
+            serve_presign_ttl_s=get(_int, "SERVE_PRESIGN_TTL_S", d.serve_presign_ttl_s, 1),
+        )
+        problems.extend(settings.problems())
+        return settings, problems
+
     def validate(self) -> None:
-        """Reject combinations that cannot work, naming the setting to fix."""
+        """Reject combinations that cannot work, naming the setting to fix (every
+        problem at once: :class:`SettingsError`)."""
+        problems = self.problems()
+        if problems:
+            raise SettingsError(problems)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, one message per problem, each naming the
+        setting to fix (empty: nothing)."""
+        out: list[str] = []
         if not self.database_url.startswith("postgresql"):
-            raise ConfigError(
+            out.append(
                 f"{PREFIX}DATABASE_URL must be a postgresql+psycopg:// URL, "
                 f"got {redact_url(self.database_url)!r}"
             )
-        if self.group_instance_id is not None and not _KAFKA_NAME.fullmatch(
-            self.group_instance_id
-        ):
-            raise ConfigError(
+        if self.group_instance_id is not None and not _KAFKA_NAME.fullmatch(self.group_instance_id):
+            out.append(
                 f"{PREFIX}GROUP_INSTANCE_ID={self.group_instance_id!r}: Kafka accepts 1-249 "
                 "of the characters a-z A-Z 0-9 . _ - (and neither '.' nor '..')"
             )
         if self.max_pending < self.concurrency:
-            raise ConfigError(f"{PREFIX}MAX_PENDING must be >= {PREFIX}CONCURRENCY")
+            out.append(f"{PREFIX}MAX_PENDING must be >= {PREFIX}CONCURRENCY")
         if self.analysis_vad_mode > 3:
-            raise ConfigError(f"{PREFIX}ANALYSIS_VAD_MODE must be 0, 1, 2 or 3")
+            out.append(f"{PREFIX}ANALYSIS_VAD_MODE must be 0, 1, 2 or 3")
         if self.analysis_speech_min_dbfs > 0 or self.analysis_clip_dbfs > 0:
-            raise ConfigError(
+            out.append(
                 f"{PREFIX}ANALYSIS_SPEECH_MIN_DBFS and {PREFIX}ANALYSIS_CLIP_DBFS are levels "
                 "in dBFS: at most 0"
             )
         if self.multipart_chunk_bytes > self.multipart_threshold_bytes:
-            raise ConfigError(
+            out.append(
                 f"{PREFIX}MULTIPART_CHUNK_BYTES must be <= {PREFIX}MULTIPART_THRESHOLD_BYTES"
             )
         if self.http_transport not in ("httpx", "aiohttp"):
-            raise ConfigError(f"{PREFIX}HTTP_TRANSPORT must be httpx or aiohttp")
+            out.append(f"{PREFIX}HTTP_TRANSPORT must be httpx or aiohttp")
         if self.s3_transport not in ("boto3", "aiohttp", "http11"):
-            raise ConfigError(f"{PREFIX}S3_TRANSPORT must be boto3, aiohttp or http11")
+            out.append(f"{PREFIX}S3_TRANSPORT must be boto3, aiohttp or http11")
         if self.kafka_fetch_max_wait_ms > 10_000:
-            raise ConfigError(
+            out.append(
                 f"{PREFIX}KAFKA_FETCH_MAX_WAIT_MS={self.kafka_fetch_max_wait_ms} is over "
                 "10000: it is also the latency added when traffic is light"
             )
         if self.metrics_port > 65535:
-            raise ConfigError(f"{PREFIX}METRICS_PORT={self.metrics_port} is not a TCP port")
+            out.append(f"{PREFIX}METRICS_PORT={self.metrics_port} is not a TCP port")
         if self.serve_port > 65535:
-            raise ConfigError(f"{PREFIX}SERVE_PORT={self.serve_port} is not a TCP port")
+            out.append(f"{PREFIX}SERVE_PORT={self.serve_port} is not a TCP port")
         if self.serve_presign_ttl_s > 7 * 24 * 3600:
-            raise ConfigError(f"{PREFIX}SERVE_PRESIGN_TTL_S is over S3's limit of 7 days")
-        self._validate_security()
+            out.append(f"{PREFIX}SERVE_PRESIGN_TTL_S is over S3's limit of 7 days")
+        out.extend(self._security_problems())
+        return out
 
-    def _validate_security(self) -> None:
+    def _security_problems(self) -> list[str]:
         """Kafka SASL/SSL and S3 TLS settings: complete, consistent, files present."""
+        out: list[str] = []
         protocol = self.kafka_security_protocol
         if protocol not in KAFKA_SECURITY_PROTOCOLS:
-            raise ConfigError(f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol!r} is not supported")
+            out.append(f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol!r} is not supported")
         if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
-            raise ConfigError(
-                f"{PREFIX}KAFKA_SASL_MECHANISM must be one of {KAFKA_SASL_MECHANISMS}"
-            )
+            out.append(f"{PREFIX}KAFKA_SASL_MECHANISM must be one of {KAFKA_SASL_MECHANISMS}")
         sasl = protocol.startswith("SASL_")
         if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
-            raise ConfigError(
+            out.append(
                 f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} needs "
                 f"{PREFIX}KAFKA_SASL_USERNAME and {PREFIX}KAFKA_SASL_PASSWORD"
             )
         if not sasl and (self.kafka_sasl_username or self.kafka_sasl_password):
-            raise ConfigError(
+            out.append(
                 f"{PREFIX}KAFKA_SASL_USERNAME/_PASSWORD are set but "
                 f"{PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL"
             )
@@ -382,17 +416,18 @@ class Settings:
             "KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
         }
         if not protocol.endswith("SSL") and (any(files.values()) or self.kafka_ssl_key_password):
-            raise ConfigError(
+            out.append(
                 f"{PREFIX}KAFKA_SSL_* are set but {PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} "
                 "does not use TLS (use SSL or SASL_SSL)"
             )
         if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
-            raise ConfigError(f"{PREFIX}KAFKA_SSL_KEYFILE needs {PREFIX}KAFKA_SSL_CERTFILE")
+            out.append(f"{PREFIX}KAFKA_SSL_KEYFILE needs {PREFIX}KAFKA_SSL_CERTFILE")
         if isinstance(self.s3_verify, str):
             files["S3_VERIFY"] = self.s3_verify
         for name, path in files.items():
             if path and not os.path.exists(path):
-                raise ConfigError(f"{PREFIX}{name}={path!r}: no such file")
+                out.append(f"{PREFIX}{name}={path!r}: no such file")
+        return out
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict safe to log (passwords and URL passwords hidden)."""
@@ -405,3 +440,262 @@ class Settings:
                 value = redact_url(value)
             out[f.name] = value
         return out
+
+
+class SettingsError(ConfigError):
+    """One or more settings are wrong; :attr:`problems` has one message per problem."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f"{len(self.problems)} settings are wrong: " + "; ".join(self.problems)
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class Doc:
+    """A setting's documentation: its meaning, and its default as the docs write it
+    when the field's own default does not say it well (``None``: the field's default)."""
+
+    meaning: str
+    default: str | None = None
+
+
+_FAST = "see [bench/README.md](../bench/README.md#options-behind-the-same-interfaces)"
+_FETCH = (
+    "the broker holds a fetch until `FILESERVER_KAFKA_FETCH_MIN_BYTES` bytes or "
+    "`FILESERVER_KAFKA_FETCH_MAX_WAIT_MS` ms: under steady load one fetch per 20 ms instead of "
+    "one every few events (at ~400 events/s: 3.4 instead of 4.1\u20134.4 ms of machine CPU per "
+    "event; two workers' p99 206\u2013213 instead of 402\u2013558 ms); at most 20 ms more "
+    "latency when "
+    "traffic is light, and an idle worker polls 50 times a second (~3\u20136 % of a core; 0.5 % "
+    "with faust's own `1` / `1500`); logged at start"
+)
+
+#: Every setting's meaning, in the order of the settings table in docs/operations.md
+#: (which ``python -m fileserver.config --markdown`` writes from it; a test compares them).
+DOCS: dict[str, Doc] = {
+    "kafka_bootstrap": Doc("broker list, `host:port,…`"),
+    "kafka_security_protocol": Doc(
+        "`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` (worker, dead-letter producer and "
+        "every other Kafka client)"
+    ),
+    "kafka_sasl_mechanism": Doc("`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (with `SASL_*`)"),
+    "kafka_sasl_username": Doc("SASL user name, required with `SASL_*`"),
+    "kafka_sasl_password": Doc("SASL password, required with `SASL_*`; never logged"),
+    "kafka_ssl_cafile": Doc(
+        "CA bundle the brokers' certificates are verified against (with `SSL`/`SASL_SSL`; "
+        "host names are always checked)",
+        "system CAs",
+    ),
+    "kafka_ssl_certfile": Doc("client certificate for mutual TLS"),
+    "kafka_ssl_keyfile": Doc("the client certificate's private key"),
+    "kafka_ssl_key_password": Doc("password of the client key (never logged)"),
+    "topic": Doc("topic the Janus events are read from"),
+    "group_id": Doc("consumer group of the worker"),
+    "group_instance_id": Doc(
+        "static group membership (KIP-345): a stable name per worker (a StatefulSet pod's "
+        "name); a restarted worker with the same id takes its partitions back at once "
+        "instead of waiting out its dead predecessor's session; unset: dynamic membership"
+    ),
+    "dlq_topic": Doc("dead-letter topic"),
+    "database_url": Doc("SQLAlchemy URL (psycopg 3)"),
+    "s3_endpoint_url": Doc("S3 endpoint (MinIO, SeaweedFS, …)", "unset = AWS"),
+    "s3_bucket": Doc("bucket (must exist)"),
+    "s3_region": Doc("region", "boto3's default"),
+    "s3_verify": Doc(
+        "TLS verification of an `https://` S3 endpoint: `true`, `false` (never in "
+        "production) or the path of a CA bundle"
+    ),
+    "allowed_sources": Doc(
+        "comma list of `host`, `host:port`, IP, `IP:port`, CIDR or `CIDR:port` (`[v6]:port` "
+        "for IPv6) the worker may download from; see the [security model](security.md)",
+        "*(empty: the worker refuses to start)*",
+    ),
+    "max_file_bytes": Doc("largest recording accepted"),
+    "max_duration_s": Doc("longest recording accepted"),
+    "source_retry_s": Doc(
+        "how long one event's source may keep failing before `source_unavailable`"
+    ),
+    "dlq_max_consecutive": Doc(
+        "dead-letter breaker: consecutive same-reason permanent failures before events are "
+        "held (`0` = off)"
+    ),
+    "dlq_breaker_cooldown_s": Doc("how often a held event is retried while the breaker is open"),
+    "dlq_breaker_max_hold_s": Doc(
+        "how long the breaker may hold one event: still failing after that, it is "
+        "dead-lettered all the same (its detail says it was held), so a cause nobody fixes "
+        "delays events instead of stalling the partition behind a window full of held ones; "
+        "long enough to be paged and fix a gateway, short enough that a range purged at the "
+        "gateway drains by itself"
+    ),
+    "internal_error_attempts": Doc(
+        "attempts (with backoff: about 6 s in all) an event gets when it meets a bug (an "
+        "exception fileserver does not classify) before it becomes dead letter "
+        "`internal_error`; enough to ride out a race, few enough that a poison record never "
+        "holds its partition for long"
+    ),
+    "not_found_grace_s": Doc(
+        "a 404/410 within this many seconds of the event's own time is retried like a 503 "
+        "(gateways publish before they serve the file); after it, `source_not_found` at once; "
+        "keep it under `FILESERVER_SOURCE_RETRY_S`; `0`: off"
+    ),
+    "analysis_enabled": Doc(
+        "speech analysis of each burst (peak/RMS dBFS, speech share, leading/trailing "
+        "silence, clipping, `empty`); off: its columns stay NULL"
+    ),
+    "analysis_max_bytes": Doc("larger files are not analysed (logged, columns NULL)"),
+    "analysis_threads": Doc(
+        "analyses running at once (CPU, ~0.5 ms per second of audio: "
+        "`python -m bench.analysis_speed`)"
+    ),
+    "analysis_vad_mode": Doc("WebRTC VAD aggressiveness 0\u20133"),
+    "analysis_speech_min_dbfs": Doc("quieter 30 ms frames are never speech"),
+    "analysis_speech_snr_db": Doc(
+        "a speech frame is at least this far above the burst's noise floor (rejects steady "
+        "hiss, hum, tones)"
+    ),
+    "analysis_min_speech_ms": Doc("less speech than this: `empty`"),
+    "analysis_clip_dbfs": Doc("samples at or above this level count as clipped"),
+    "serve_host": Doc("where `fileserver serve` listens (the API and the review page)"),
+    "serve_port": Doc("the port `fileserver serve` listens on"),
+    "serve_tokens": Doc(
+        "comma list of `sha256hex[:read+listen]` bearer-token hashes (`fileserver serve "
+        "--new-token` makes one); `read` lists and reads metadata, `listen` gets audio",
+        "*(empty: serve refuses to start)*",
+    ),
+    "serve_presign_ttl_s": Doc("lifetime of a presigned audio URL (at most 7 days)"),
+    "db_statement_timeout_s": Doc(
+        "Postgres `statement_timeout` of fileserver's connections (a `statement_timeout` in "
+        "`FILESERVER_DATABASE_URL`'s `options` wins), and, with a margin, the client-side "
+        "deadline of every statement, so a silent link ends as an outage instead of a stall"
+    ),
+    "shutdown_grace_s": Doc(
+        "on SIGTERM or partition revocation, how long in-flight events may finish before "
+        "they are left for redelivery"
+    ),
+    "concurrency": Doc(
+        "events processed at once (mostly waiting on the source, S3 and Postgres: 192 "
+        "instead of 64 gave 897 instead of 762 events/s in the benchmark, with the 10 ms "
+        "batch linger); one gateway sees at most `FILESERVER_MAX_DOWNLOADS_PER_SOURCE` of them"
+    ),
+    "max_downloads_per_source": Doc(
+        "downloads at a time from one source (host and port) per worker; the others wait for "
+        "a slot within `FILESERVER_FETCH_TIMEOUT_S` (the `fetch` stage time includes that "
+        "wait). A gateway's HTTP server must accept that many connections at once: a backlog "
+        "of 5 (Python's `http.server` default) left accepted-but-unserved connections that "
+        "ended as `source_unavailable` read timeouts in a test; lower it for such gateways"
+    ),
+    "download_memory_bytes": Doc(
+        "recordings all downloads in flight may hold in memory together; a download that "
+        "finds it spent goes to `FILESERVER_TMP_DIR` instead, so memory does not grow with "
+        "`FILESERVER_CONCURRENCY` (`0` = always a file)"
+    ),
+    "max_pending": Doc("events read but not yet committable (bounds memory behind a slow event)"),
+    "connect_timeout_s": Doc("download timeout: connecting"),
+    "read_timeout_s": Doc("download timeout: between bytes"),
+    "fetch_timeout_s": Doc("download timeout: the whole download"),
+    "multipart_threshold_bytes": Doc("multipart upload above this size"),
+    "multipart_chunk_bytes": Doc("the size of a multipart upload's parts"),
+    "tmp_dir": Doc(
+        "where downloads over 1 MiB (or over the memory budget) are staged, in a directory "
+        "`fileserver-spool-<host>-<pid>` per process, removed on exit; the next process on "
+        "the host removes those of killed processes (SIGKILL, OOM) and logs how many files "
+        "it found",
+        "system temp",
+    ),
+    "commit_interval_s": Doc("how often acked offsets are committed"),
+    "session_timeout_s": Doc("consumer-group session timeout"),
+    "rebalance_timeout_s": Doc("consumer-group rebalance timeout"),
+    "kafka_fetch_min_bytes": Doc(_FETCH),
+    "kafka_fetch_max_wait_ms": Doc(_FETCH),
+    "metrics_host": Doc(
+        "address of the `/metrics`, `/healthz`, `/readyz` server (the image binds `0.0.0.0`)"
+    ),
+    "metrics_port": Doc("its port; `0` picks a free one (logged at start-up)"),
+    "http_transport": Doc(
+        "the wire downloads go out on: `httpx`, or `aiohttp` (same checks, about a twelfth "
+        "of the CPU per download: 206 vs 2,451 µs) — " + _FAST
+    ),
+    "s3_transport": Doc(
+        "`boto3`; `aiohttp`: objects up to 1 MiB are PUT on the event loop with aiohttp and "
+        "fileserver's SigV4 signer (credentials and endpoint still from boto3; multipart, "
+        "HEAD and the bucket check stay on boto3); `http11`: the same, on fileserver's own "
+        "HTTP/1.1 keep-alive client (`fileserver/storage/http11.py`, about 60 % of aiohttp's "
+        "CPU per PUT) — " + _FAST
+    ),
+    "s3_threads": Doc("boto3 worker threads (uploads that go through boto3)"),
+    "db_batch_rows": Doc("most rows per batched insert / look-up (`1` = one statement per event)"),
+    "db_batch_linger_ms": Doc(
+        "how long a batched insert / look-up that is not full waits for more rows (`0` = "
+        "send at once); each statement costs ~0.3 ms of worker CPU whatever its size, so "
+        "under load a few ms of latency buy batches several times larger; when traffic is "
+        "light an event waits at most twice this (look-up, insert)"
+    ),
+    "web_enabled": Doc("faust's own web server (not needed: fileserver serves its own endpoints)"),
+    "web_port": Doc("faust's own web server's port"),
+    "log_level": Doc("log level (`-l/--log-level` wins): `DEBUG`, `INFO`, `WARNING`, `ERROR`"),
+    "log_format": Doc(
+        "`json` (one object per line), `text`, or `auto`: JSON lines unless stderr is a "
+        "terminal (`--log-format` wins)"
+    ),
+}
+
+#: Variables named FILESERVER_* that are not settings: tools of the dev stack and tests.
+NOT_SETTINGS = frozenset(
+    {"WEED_BIN", "KAFKA_LIBS", "TOXIPROXY_BIN", "VERSITYGW_BIN", "S3PROXY_LIBS"}
+)
+
+
+def env_name(field_name: str) -> str:
+    """A field's variable: ``concurrency`` -> ``FILESERVER_CONCURRENCY``."""
+    return PREFIX + field_name.upper()
+
+
+def env_names() -> dict[str, str]:
+    """Every setting's variable name -> its field name."""
+    return {env_name(f.name): f.name for f in fields(Settings)}
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``FILESERVER_*`` variables that are no setting (ignored, so most likely misspelt),
+    each with the closest setting's name (``None`` when nothing is close)."""
+    import difflib
+
+    known = env_names()
+    out: list[tuple[str, str | None]] = []
+    for name in sorted(env):
+        if not name.startswith(PREFIX) or name in known:
+            continue
+        rest = name[len(PREFIX) :]
+        if rest in NOT_SETTINGS or rest.startswith("TEST_"):
+            continue
+        rests = [k[len(PREFIX) :] for k in known]
+        close = difflib.get_close_matches(rest, rests, n=1, cutoff=0.75)
+        out.append((name, PREFIX + close[0] if close else None))
+    return out
+
+
+def default_text(field_name: str) -> str:
+    """A setting's default as the docs and ``fileserver config`` write it."""
+    doc = DOCS[field_name]
+    if doc.default is not None:
+        return doc.default
+    return shown(Settings.__dataclass_fields__[field_name].default, field_name)
+
+
+def shown(value: Any, field_name: str = "") -> str:
+    """A setting's value written as the docs write it: `true`, `30`, `64 MiB`..."""
+    if value is None or value == ():
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    if isinstance(value, int) and field_name.endswith("_bytes") and value >= 1 << 20:
+        return f"`{value}` ({value / (1 << 20):g} MiB)"
+    if isinstance(value, tuple):
+        return "`" + ",".join(str(v) for v in value) + "`"
+    return f"`{value}`"
