@@ -136,27 +136,13 @@ def test_every_metric_is_declared_once_with_a_one_line_meaning() -> None:
         assert len(meaning) <= 100, name
 
 
-# Metrics whose row in docs/operations.md is written by the guide's owner, not yet there.
-# Strict xfail below: once the row exists the test XPASSes and fails: empty this set.
-DOC_ROW_PENDING = {"fileserver_build_info"}
-
-
 def _undocumented() -> list[str]:
     section = OPERATIONS.read_text().split("\n## Metrics and probes\n", 1)[1].split("\n## ", 1)[0]
     return [n for n in exported_names(Metrics(process=False)) if f"`{n}`" not in section]
 
 
 def test_the_operations_guide_lists_every_metric() -> None:
-    assert not [n for n in _undocumented() if n not in DOC_ROW_PENDING]
-
-
-@pytest.mark.xfail(
-    bool(DOC_ROW_PENDING),
-    reason="docs/operations.md row pending: " + ", ".join(DOC_ROW_PENDING),
-    strict=True,
-)
-def test_the_operations_guide_lists_the_pending_metrics() -> None:
-    assert not [n for n in _undocumented() if n in DOC_ROW_PENDING]
+    assert not _undocumented()
 
 
 def test_build_info_names_the_versions() -> None:
