@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import ssl
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import boto3
@@ -29,7 +31,7 @@ from fileserver.preflight import check_stores
 from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.repository import Repository
 from fileserver.resolve import system_resolver
-from fileserver.settings import Settings
+from fileserver.settings import Settings, redact_url
 from fileserver.sources import SourcePolicy
 from fileserver.storage import ObjectStore, http11
 from fileserver.storage.s3_put import (
@@ -37,6 +39,7 @@ from fileserver.storage.s3_put import (
     Http11Sender,
     S3Putter,
     Sender,
+    environment_proxy,
     object_url_prefix,
 )
 from fileserver.wires import REQUEST_HEADERS, AiohttpWire, HttpxWire, Wire
@@ -82,8 +85,24 @@ def make_s3_client(settings: Settings, session: boto3.session.Session | None = N
 
 
 def make_s3_putter(settings: Settings, client: Any, session: boto3.session.Session) -> S3Putter:
-    """The event-loop PUT path of ``FILESERVER_S3_TRANSPORT=aiohttp|http11`` (its sender
-    must be closed: ``putter.sender.aclose()``)."""
+    """The event-loop PUT path of ``FILESERVER_S3_TRANSPORT=http11|aiohttp`` (its sender
+    must be closed: ``putter.sender.aclose()``).
+
+    Raises :class:`ConfigError` when a proxy from the environment applies to the bucket's
+    endpoint: boto3 would go through it, the fast paths never do."""
+    prefix = object_url_prefix(client, settings.s3_bucket)
+    proxy = environment_proxy(client, prefix)
+    if proxy is not None:
+        scheme, host = urlsplit(prefix).scheme, urlsplit(prefix).hostname
+        names = (f"{scheme}_proxy", f"{scheme.upper()}_PROXY")
+        name = next((n for n in names if os.environ.get(n)), names[1])
+        raise ConfigError(
+            f"{name}={redact_url(proxy)} applies to the S3 endpoint {http11.origin_of(prefix)} "
+            f"(NO_PROXY does not exempt it) but FILESERVER_S3_TRANSPORT={settings.s3_transport} "
+            "connects directly, never through a proxy: set FILESERVER_S3_TRANSPORT=boto3 to "
+            f"send through the proxy as botocore does, or add {host} to NO_PROXY if the store "
+            "is reachable without it"
+        )
     verify = settings.s3_verify
     ssl_context: ssl.SSLContext | None = None
     if isinstance(verify, str):
@@ -96,7 +115,7 @@ def make_s3_putter(settings: Settings, client: Any, session: boto3.session.Sessi
     sender: Sender
     if settings.s3_transport == "http11":
         pool = http11.Pool(
-            http11.origin_of(object_url_prefix(client, settings.s3_bucket)),
+            http11.origin_of(prefix),
             limit=settings.concurrency,
             connect_timeout_s=settings.connect_timeout_s,
             ssl_context=ssl_context,
@@ -336,11 +355,16 @@ async def open_runtime(settings: Settings, *, hold: bool = True) -> AsyncIterato
 
 async def preflight(runtime: Runtime) -> None:
     """Fail fast, naming the setting to fix, when the bucket or the database is unreachable
-    (:func:`fileserver.preflight.check_stores`, the checks reconcile runs too)."""
+    or a signed PUT through the fast path is refused (:func:`fileserver.preflight.check_stores`,
+    the checks reconcile runs too)."""
     s = runtime.settings
     await check_stores(s, runtime.repo, runtime.store)
+    put = f", a signed PUT through {s.s3_transport}" if runtime.store.putter else ""
     log.info(
-        "preflight ok: database, bucket %s and broker %s reachable", s.s3_bucket, s.kafka_bootstrap
+        "preflight ok: database, bucket %s%s and broker %s reachable",
+        s.s3_bucket,
+        put,
+        s.kafka_bootstrap,
     )
 
 

@@ -3,8 +3,10 @@
 * :mod:`~fileserver.storage.objects`: :class:`ObjectStore`, the adapter every command
   uses (boto3 in a thread pool: uploads, HEAD, listing, moves, the bucket check);
 * :mod:`~fileserver.storage.s3_put`: the event-loop PUT path of
-  ``FILESERVER_S3_TRANSPORT=aiohttp|http11`` (SigV4 signer, senders);
-* :mod:`~fileserver.storage.http11`: the small HTTP/1.1 client of the ``http11`` sender;
+  ``FILESERVER_S3_TRANSPORT=http11`` (the default) and ``aiohttp`` (SigV4 signer,
+  senders, the preflight's probe key, the proxy rule);
+* :mod:`~fileserver.storage.http11`: the small HTTP/1.1 client of the ``http11`` sender
+  (a keep-alive pool; responses parsed by httptools/llhttp);
 * :mod:`~fileserver.storage.base`: what they share (no I/O).
 
 Imports go one way, ``objects -> s3_put -> http11``, each of them to ``base``. What an
@@ -15,6 +17,7 @@ business: see :mod:`fileserver.layout`.
 from fileserver.storage.base import (
     CONTENT_TYPE,
     ListedObject,
+    S3ErrorResponse,
     StoredObject,
     content_md5,
     etag_value,
@@ -28,6 +31,7 @@ __all__ = [
     "FAST_PUT_MAX_BYTES",
     "ListedObject",
     "ObjectStore",
+    "S3ErrorResponse",
     "StoredObject",
     "content_md5",
     "etag_value",

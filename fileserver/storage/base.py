@@ -57,9 +57,24 @@ def content_md5(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def s3_unavailable(code: str, message: str, bucket: str) -> DependencyUnavailable:
+class S3ErrorResponse(DependencyUnavailable):
+    """The store answered with an error: ``code`` is S3's (``AccessDenied``,
+    ``SignatureDoesNotMatch``, ... or ``HTTP <status>`` when the body names none),
+    ``status`` the HTTP status when known (0 otherwise) and ``region`` the bucket's
+    region when the answer says it."""
+
+    def __init__(
+        self, code: str, message: str, bucket: str, *, status: int = 0, region: str = ""
+    ) -> None:
+        super().__init__("s3", f"{code} on bucket {bucket!r}: {message}")
+        self.code = code
+        self.status = status
+        self.region = region
+
+
+def s3_unavailable(code: str, message: str, bucket: str) -> S3ErrorResponse:
     """The error for an S3 error response, worded alike on every transport."""
-    return DependencyUnavailable("s3", f"{code} on bucket {bucket!r}: {message}")
+    return S3ErrorResponse(code, message, bucket)
 
 
 @contextmanager

@@ -54,8 +54,8 @@ _BOTOCORE_DEFAULT_TIMEOUT_S = 60.0
 class ObjectStore:
     """One bucket, one boto3 client (thread-safe), one bounded thread pool.
 
-    With a ``putter`` (``FILESERVER_S3_TRANSPORT=aiohttp`` or ``http11``), objects up to
-    :data:`FAST_PUT_MAX_BYTES` are PUT on the event loop by
+    With a ``putter`` (``FILESERVER_S3_TRANSPORT=http11``, the default, or ``aiohttp``),
+    objects up to :data:`FAST_PUT_MAX_BYTES` are PUT on the event loop by
     :class:`~fileserver.storage.s3_put.S3Putter` instead of boto3; the rest is unchanged.
 
     ``timeout_s``, the deadline of a call without a body, defaults to the client's
@@ -81,6 +81,11 @@ class ObjectStore:
         self._chunk = chunk_size
         self._putter = putter
         self._timeout_s = timeout_s if timeout_s is not None else _client_timeout_s(client)
+
+    @property
+    def putter(self) -> S3Putter | None:
+        """The event-loop PUT path, when there is one (the preflight probes it)."""
+        return self._putter
 
     def deadline_s(self, body_bytes: int = 0) -> float:
         """The most one boto3 call sending ``body_bytes`` may take, queueing for a thread

@@ -1,21 +1,28 @@
-"""Single-request S3 PUTs on the event loop (``FILESERVER_S3_TRANSPORT=aiohttp|http11``).
+"""Single-request S3 PUTs on the event loop (``FILESERVER_S3_TRANSPORT=http11``, the
+default, or ``aiohttp``).
 
 boto3 spends ~1.2-1.6 ms of CPU per ``put_object``, most of it holding the GIL, which
 caps one worker process at ~600 puts/s; botocore's signer alone is ~0.2 ms. This module
 keeps botocore for credentials (with their refresh) and for resolving the bucket's URL
 once (endpoint, path or virtual-host addressing), signs each PUT with AWS Signature
 Version 4 itself (:class:`SigV4Signer`, checked against botocore's signer in the unit
-tests) and hands it to a sender: :class:`AiohttpSender` (aiohttp) or
-:class:`Http11Sender` (fileserver's own HTTP/1.1 client,
-:mod:`fileserver.storage.http11`, about half the client CPU per PUT). Only single PUTs
-of small objects go this way; multipart uploads, HEAD, listing, moves and the bucket
-check stay on boto3 (:class:`fileserver.storage.ObjectStore`).
+tests) and hands it to a sender: :class:`Http11Sender` (fileserver's small HTTP/1.1
+client, :mod:`fileserver.storage.http11`, about half the client CPU per PUT) or
+:class:`AiohttpSender` (aiohttp). Only single PUTs of small objects go this way (and
+the preflight's probe, a PUT and a DELETE of :data:`PREFLIGHT_KEY`); multipart uploads,
+HEAD, listing, moves and the bucket check stay on boto3
+(:class:`fileserver.storage.ObjectStore`).
+
+Neither sender goes through a proxy. botocore sends through ``HTTPS_PROXY`` /
+``HTTP_PROXY`` unless ``NO_PROXY`` exempts the endpoint; :func:`environment_proxy` says
+when that would apply, and the runtime then refuses to start on a fast path
+(``runtime.make_s3_putter``) rather than bypass a proxy an operator set.
 
 The request carries the same integrity check as the boto3 path: ``Content-MD5``, which
 the store verifies (``BadDigest`` on a mismatch). Each sender translates its client's
 errors into :class:`~fileserver.errors.DependencyUnavailable`, like
 :func:`fileserver.storage.base.s3_errors`; :class:`S3Putter` turns error responses into
-the same.
+the same (:func:`error_response`: the code, message and region of the error's XML).
 
 Three things keep a PUT from stalling the worker: the Host header is computed once
 (:func:`fileserver.storage.http11.host_header`, as botocore does) and both signed and
@@ -37,13 +44,18 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
+from botocore.utils import get_environ_proxies
 
 from fileserver.errors import DependencyUnavailable
 from fileserver.storage import http11
-from fileserver.storage.base import content_md5, s3_unavailable
+from fileserver.storage.base import S3ErrorResponse, content_md5
 
-_PROBE_KEY = "fileserver-probe-key"
-_XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
+_PROBE_KEY = "fileserver-probe-key"  # only to resolve the URL shape: never sent
+#: The object :func:`fileserver.preflight.check_fast_put` PUTs and DELETEs at start; the
+#: same key every time, so one is left at most when the credentials may not delete.
+PREFLIGHT_KEY = "fileserver-preflight-probe"
+PREFLIGHT_BODY = b"fileserver preflight probe: a signed PUT at start, deleted at once\n"
+_XML_FIELD = re.compile(r"<(Code|Message|Region)>([^<]*)</\1>")
 _ALGORITHM = "AWS4-HMAC-SHA256"
 #: The settings behind the senders' deadlines (runtime: ``timeout_s`` = connect + read).
 DEADLINE_SETTINGS = "FILESERVER_CONNECT_TIMEOUT_S + FILESERVER_READ_TIMEOUT_S"
@@ -138,14 +150,41 @@ def object_url_prefix(client: Any, bucket: str) -> str:
     return urlunsplit((scheme, netloc, path[: -len(_PROBE_KEY)], "", ""))
 
 
+def environment_proxy(client: Any, url: str) -> str | None:
+    """The proxy botocore sends ``client``'s requests to ``url`` through, from the
+    environment (``HTTPS_PROXY`` / ``HTTP_PROXY`` by the URL's scheme, unless
+    ``NO_PROXY`` exempts the client's endpoint), or ``None``: botocore's own rule."""
+    proxies: dict[str, str] = get_environ_proxies(client.meta.endpoint_url)
+    return proxies.get(urlsplit(url).scheme) or None
+
+
+def error_response(status: int, reply: bytes, bucket: str) -> S3ErrorResponse:
+    """The error an S3 error answer means: its XML's ``Code``, ``Message`` and
+    ``Region`` (``HTTP <status>`` when it names no code). Any bytes at all."""
+    fields = dict(_XML_FIELD.findall(reply[:4000].decode("utf-8", "replace")))
+    return S3ErrorResponse(
+        fields.get("Code") or f"HTTP {status}",
+        fields.get("Message", ""),
+        bucket,
+        status=status,
+        region=fields.get("Region", ""),
+    )
+
+
 class Sender(Protocol):
-    """Sends one PUT; raises :class:`DependencyUnavailable` when no response comes within
-    ``timeout_s`` (the whole request, not each read)."""
+    """Sends one request; raises :class:`DependencyUnavailable` when no response comes
+    within ``timeout_s`` (the whole request, not each read)."""
 
     timeout_s: float
 
-    async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, url: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes]:
         """The response's status and body; ``headers`` carry the signed ``Host``."""
+        ...
+
+    async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """``request("PUT", ...)``."""
         ...
 
     async def aclose(self) -> None:
@@ -181,10 +220,21 @@ class AiohttpSender:
         )
 
     async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """``request("PUT", ...)``."""
+        return await self.request("PUT", url, headers, body)
+
+    async def request(
+        self, method: str, url: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes]:
         """The response's status and body (aiohttp sends the ``Host`` given, as is)."""
         try:
-            async with self._session.put(
-                url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
+            async with self._session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as resp:
                 return resp.status, await resp.read()
         except aiohttp.ConnectionTimeoutError as exc:
@@ -211,6 +261,12 @@ class Http11Sender:
         self.timeout_s = timeout_s
 
     async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """``request("PUT", ...)``."""
+        return await self.request("PUT", url, headers, body)
+
+    async def request(
+        self, method: str, url: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes]:
         """The response's status and body.
 
         The pool writes its own ``Host``; a signed ``Host`` in ``headers`` must be that
@@ -229,7 +285,7 @@ class Http11Sender:
                 )
         try:
             response = await self._pool.request(
-                "PUT", url[len(origin) :], rest, body, timeout_s=self.timeout_s
+                method, url[len(origin) :], rest, body, timeout_s=self.timeout_s
             )
         except http11.ConnectTimeout as exc:
             raise DependencyUnavailable(
@@ -302,7 +358,8 @@ class FrozenCredentials:
 
 
 class S3Putter:
-    """PUTs small objects into one bucket with SigV4-signed requests through a sender."""
+    """PUTs small objects into one bucket with SigV4-signed requests through a sender
+    (and DELETEs the preflight's probe)."""
 
     def __init__(
         self,
@@ -322,6 +379,16 @@ class S3Putter:
         self._bucket = bucket
         self._credentials = None if credentials is None else FrozenCredentials(credentials)
         self._signer = SigV4Signer(region)
+
+    @property
+    def region(self) -> str:
+        """The region the requests are signed for."""
+        return self._signer.region
+
+    @property
+    def prefix(self) -> str:
+        """The URL of the bucket's objects up to the key."""
+        return self._prefix
 
     @classmethod
     def for_client(cls, sender: Sender, client: Any, bucket: str, *, credentials: Any) -> S3Putter:
@@ -395,10 +462,23 @@ class S3Putter:
         headers = self.signed_headers(
             url, body, md5_hex, content_type, metadata, credentials=credentials
         )
-        status, reply = await self.sender.put(url, headers, body)
-        if status == 200:
-            return
-        fields = dict(_XML_FIELD.findall(reply[:2000].decode("utf-8", "replace")))
-        raise s3_unavailable(
-            fields.get("Code", f"HTTP {status}"), fields.get("Message", ""), self._bucket
+        status, reply = await self.sender.request("PUT", url, headers, body)
+        if status != 200:
+            raise error_response(status, reply, self._bucket)
+
+    async def delete(self, key: str) -> None:
+        """DELETE ``key`` (missing or not: S3 answers 204 either way)."""
+        credentials = await self._frozen_credentials()
+        url = self._prefix + quote(key, safe="/~")
+        headers = self._signer.sign(
+            "DELETE",
+            url,
+            {"Host": self._host},
+            b"",
+            access_key=credentials.access_key,
+            secret_key=credentials.secret_key,
+            token=credentials.token,
         )
+        status, reply = await self.sender.request("DELETE", url, headers, b"")
+        if status not in (200, 202, 204):
+            raise error_response(status, reply, self._bucket)
