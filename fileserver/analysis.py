@@ -43,14 +43,16 @@ burst it cannot analyse is stored with its analysis columns ``NULL`` and logged.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import logging
 import math
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -106,23 +108,38 @@ def _dbfs(power: float) -> float:
     return max(FLOOR_DBFS, round(10.0 * math.log10(power), 2))
 
 
-def _blocks(content: bytes | Path) -> Iterable[Any]:
-    """The burst as int16 blocks of 16 kHz mono (``array.array``)."""
+def _blocks(content: bytes | Path) -> Iterator[Any]:
+    """The burst as int16 blocks of 16 kHz mono (``array.array``), decoded as MP3 only.
+
+    The decoder is told the format: left to guess, miniaudio tried WAV first, so a RIFF
+    header in front of a real MP3 (which the probe skips as junk and accepts) was decoded
+    as 1 Hz PCM up to the duration limit, and a speech burst stored as ``empty``."""
     import miniaudio
 
-    common: dict[str, Any] = {
-        "output_format": miniaudio.SampleFormat.SIGNED16,
-        "nchannels": 1,
-        "sample_rate": SAMPLE_RATE,
-        "frames_to_read": BLOCK_FRAMES,
-    }
-    # generators: a decoding error is raised when iterated
-    stream: Iterable[Any]
-    if isinstance(content, Path):
-        stream = miniaudio.stream_file(str(content), **common)
-    else:
-        stream = miniaudio.stream_memory(content, **common)
-    return stream
+    class Source(miniaudio.StreamableSource):  # type: ignore[misc]
+        def __init__(self, raw: IO[bytes]) -> None:
+            self.raw = raw
+
+        def read(self, num_bytes: int) -> bytes:
+            return self.raw.read(num_bytes)
+
+        def seek(self, offset: int, origin: Any) -> bool:
+            whence = os.SEEK_CUR if origin == miniaudio.SeekOrigin.CURRENT else os.SEEK_SET
+            self.raw.seek(offset, whence)
+            return True
+
+    raw: IO[bytes] = content.open("rb") if isinstance(content, Path) else io.BytesIO(content)
+    try:  # a decoding error is raised when iterated
+        yield from miniaudio.stream_any(
+            Source(raw),
+            source_format=miniaudio.FileFormat.MP3,
+            output_format=miniaudio.SampleFormat.SIGNED16,
+            nchannels=1,
+            sample_rate=SAMPLE_RATE,
+            frames_to_read=BLOCK_FRAMES,
+        )
+    finally:
+        raw.close()
 
 
 def analyse(content: bytes | Path, config: AnalysisConfig | None = None) -> Analysis:

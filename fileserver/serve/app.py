@@ -146,14 +146,42 @@ def recording_json(row: RecordingView) -> dict[str, Any]:
     }
 
 
+#: ids and numbers are Postgres BIGINT: anything outside is no row and a bad request,
+#: never a "bigint out of range" error from the database
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
+#: query parameters whose values are logged; any other (a token by mistake) is masked
+LOGGED_PARAMS = frozenset({"grp_id", "uid", "since", "until", "empty", "limit", "redirect"})
+
+
+def _bigint(raw: str) -> int | None:
+    """``raw`` as a canonical decimal BIGINT (ASCII digits, optional minus), else None."""
+    text = raw.strip()
+    digits = text[1:] if text.startswith("-") else text
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 19:
+        return None
+    value = int(text)
+    return value if BIGINT_MIN <= value <= BIGINT_MAX else None
+
+
 def _int_param(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ApiError(400, "bad_parameter", f"{name}={raw!r} is not an integer") from None
+    value = _bigint(raw)
+    if value is None:
+        raise ApiError(400, "bad_parameter", f"{name}={raw[:40]!r} is not a 64-bit integer")
+    return value
+
+
+def _loggable(request: web.Request) -> str:
+    """The request's path and query with every value not in :data:`LOGGED_PARAMS`
+    masked: a client that puts its token in the query string must not put it in our log."""
+    if not request.query:
+        return request.path
+    parts = [
+        f"{key}={value if key in LOGGED_PARAMS else '***'}" for key, value in request.query.items()
+    ]
+    return f"{request.path}?{'&'.join(parts)}"
 
 
 def _time_param(request: web.Request, name: str) -> datetime | None:
@@ -220,10 +248,9 @@ class Api:
 
     async def _row(self, request: web.Request) -> RecordingView:
         raw = request.match_info["id"]
-        try:
-            recording_id = int(raw)
-        except ValueError:
-            raise ApiError(404, "not_found", f"no recording {raw!r}") from None
+        recording_id = _bigint(raw)
+        if recording_id is None or raw != str(recording_id):
+            raise ApiError(404, "not_found", f"no recording {raw[:40]!r}")
         row = await self.s.reads.recording(recording_id)
         if row is None:
             raise ApiError(404, "not_found", f"no recording {recording_id}")
@@ -363,7 +390,7 @@ def create_app(services: Services) -> web.Application:
                 log.info(
                     "%s %s %s %.1fms token=%s remote=%s",
                     request.method,
-                    request.path_qs,
+                    _loggable(request),
                     status,
                     elapsed * 1000,
                     grant_id,

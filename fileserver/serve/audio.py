@@ -24,7 +24,29 @@ from fileserver.storage import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 1024
-SINGLE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
+SINGLE_RANGE = re.compile(r"bytes=(?:(\d+)-(\d*)|-\d+)")
+#: a last byte past anything stored means "to the end" (RFC 9110 §14.1.2); S3 servers
+#: may fail to parse such a number (SeaweedFS answered 416), so it is sent open-ended
+LARGEST_OBJECT = 2**53
+
+
+def upstream_range(wanted: str) -> str | None:
+    """The one Range to ask S3 for, or None to send the whole object: multi-range and
+    invalid specs (``bytes=5-2``) are ignored, as RFC 9110 allows; an oversized last
+    byte becomes open-ended."""
+    match = SINGLE_RANGE.fullmatch(wanted)
+    if match is None:
+        return None
+    first, last = match.group(1), match.group(2)
+    if first is None or not last:  # suffix (bytes=-N) or open-ended (bytes=N-)
+        return wanted
+    if len(last) > 16 or int(last) >= LARGEST_OBJECT:
+        return f"bytes={first}-"
+    if int(last) < int(first):
+        return None
+    return wanted
+
+
 PASSED_HEADERS = ("Content-Length", "Content-Range", "ETag", "Last-Modified")
 
 
@@ -60,8 +82,9 @@ async def proxy(
     """Stream the object at presigned ``url`` to the client, honouring one byte range."""
     headers: dict[str, str] = {}
     wanted = (request.headers.get("Range") or "").strip()
-    if SINGLE_RANGE.fullmatch(wanted):
-        headers["Range"] = wanted
+    ranged = upstream_range(wanted)
+    if ranged is not None:
+        headers["Range"] = ranged
     try:  # a HEAD is a GET upstream too (the URL is signed for GET), its body unread
         async with http.request("GET", url, headers=headers, allow_redirects=False) as up:
             if up.status == 404:

@@ -87,7 +87,9 @@ class TokenTable:
 
     def match(self, token: str) -> Grant | None:
         """The grant of ``token``: every hash is compared (constant time each)."""
-        presented = hashlib.sha256(token.encode()).digest()
+        # a header that is not UTF-8 reaches us as lone surrogates: hash its bytes as they
+        # came (it then matches nothing) rather than fail the request
+        presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         found: Grant | None = None
         for digest, scopes in self._entries:
             if hmac.compare_digest(presented, digest) and found is None:

@@ -33,6 +33,9 @@ def decode(cursor: str) -> Position:
         version, micros, row_id = base64.urlsafe_b64decode(padded).decode().split(":")
         if version != _VERSION:
             raise ValueError(version)
-        return Position(_EPOCH + int(micros) * _US, int(row_id))
+        position_id = int(row_id)
+        if not 0 <= position_id <= 2**63 - 1:  # a BIGINT id, or no cursor of ours
+            raise ValueError(row_id)
+        return Position(_EPOCH + int(micros) * _US, position_id)
     except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
         raise BadCursor("not a cursor of this API: pass next_cursor back unchanged") from None

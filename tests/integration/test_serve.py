@@ -5,6 +5,8 @@ log (never the token)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import logging
 import uuid
@@ -389,3 +391,97 @@ async def test_start_refuses_without_tokens_or_schema(
     with pytest.raises(ConfigError, match="fileserver migrate"):
         async with serving(stack.settings(**serve_env())):
             pass
+
+
+# --- breaks found by the third adversarial review, kept as regression tests ---------------
+# Each failed before its fix (500s on out-of-range integers and non-UTF-8 tokens, a token in
+# the query string logged, Range edge cases passed to S3 unchanged).
+
+BIG = str(2**63)  # one past bigint's maximum
+HUGE = "9" * 30
+
+
+def cursor_of(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+async def status_of(http: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, bytes]:
+    async with http.get(url, headers={**auth(), **headers}) as r:
+        return r.status, await r.read()
+
+
+@pytest.mark.parametrize(
+    "query", [f"grp_id={BIG}", f"grp_id=-{BIG}1", f"uid={HUGE}", f"uid=-{HUGE}"]
+)
+async def test_an_out_of_range_integer_filter_is_400_not_500(
+    server: Server, http: aiohttp.ClientSession, query: str
+) -> None:
+    status, body = await status_of(http, f"{server.url}/v1/recordings?{query}")
+    assert status == 400, (query, status, body[:80])
+
+
+@pytest.mark.parametrize("suffix", ["", "/audio/url", "/audio"])
+@pytest.mark.parametrize("rid", [BIG, HUGE])
+async def test_an_out_of_range_recording_id_is_404_not_500(
+    server: Server, http: aiohttp.ClientSession, rid: str, suffix: str
+) -> None:
+    status, body = await status_of(http, f"{server.url}/v1/recordings/{rid}{suffix}")
+    assert status == 404, (rid, suffix, status, body[:80])
+
+
+@pytest.mark.parametrize("raw", [f"1:0:{HUGE}", f"1:0:-{BIG}1", f"1:0:{BIG}"])
+async def test_a_cursor_with_an_out_of_range_id_is_400_not_500(
+    server: Server, http: aiohttp.ClientSession, raw: str
+) -> None:
+    status, body = await status_of(http, f"{server.url}/v1/recordings?cursor={cursor_of(raw)}")
+    assert status == 400, (raw, status, body[:80])
+
+
+async def test_a_non_utf8_bearer_token_is_401_not_500(server: Server) -> None:
+    host, port = server.url.split("//")[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"GET /v1/talkgroups HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer \xff\xfe\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.1 401 Unauthorized", answer[:200]
+
+
+async def test_a_token_sent_in_the_query_string_is_not_logged(
+    server: Server, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fileserver.serve")
+    async with http.get(f"{server.url}/v1/recordings?access_token={FULL}") as r:
+        assert r.status == 401
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert FULL not in log, [line for line in log.splitlines() if FULL in line]
+
+
+async def test_a_range_whose_last_byte_is_past_the_end_is_206_not_416(
+    server: Server, seeded: Seeded, http: aiohttp.ClientSession
+) -> None:
+    rid = seeded.groups[7][0]
+    body = seeded.audio[rid]
+    # RFC 9110 14.1.2: a last-pos >= the length means "to the end"; 0- is satisfiable
+    status, got = await status_of(
+        http, f"{server.url}/v1/recordings/{rid}/audio", Range=f"bytes=0-{HUGE}"
+    )
+    assert (status, got) == (206, body), (status, len(got))
+
+
+async def test_an_invalid_range_is_ignored_not_416(
+    server: Server, seeded: Seeded, http: aiohttp.ClientSession
+) -> None:
+    rid = seeded.groups[7][0]
+    body = seeded.audio[rid]
+    # RFC 9110 14.1.1: last-pos < first-pos makes the range-spec invalid: the Range header
+    # is ignored (200, whole body); 416 is only for a valid but unsatisfiable range
+    status, got = await status_of(
+        http, f"{server.url}/v1/recordings/{rid}/audio", Range="bytes=5-2"
+    )
+    assert (status, got) == (200, body), (status, len(got))
