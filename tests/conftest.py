@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +31,16 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("servers")
+def workdir() -> Iterator[Path]:
+    """Where the session's servers keep their data: outside pytest's own temp root.
+
+    As root, Postgres runs as another user and needs to traverse every parent of its
+    data directory; any other pytest session that starts on the machine resets
+    ``/tmp/pytest-of-<user>`` to mode 0700, and the running Postgres then PANICs
+    ("could not open file .../pg_control: Permission denied"): seen twice."""
+    path = Path(tempfile.mkdtemp(prefix="fileserver-test-servers-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
