@@ -161,8 +161,8 @@ def make_engine(settings: Settings) -> AsyncEngine:
 
 
 def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The shared httpx client of the default wire: pooled, no redirects (the fetcher
-    checks each hop), no cookies, no proxy from the environment."""
+    """The shared httpx client of ``FILESERVER_HTTP_TRANSPORT=httpx``: pooled, no
+    redirects (the fetcher checks each hop), no cookies, no proxy from the environment."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
             settings.read_timeout_s, connect=settings.connect_timeout_s, pool=None
@@ -179,8 +179,8 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
 
 
 def make_source_wire(settings: Settings) -> Wire:
-    """The wire downloads go out on: httpx, or aiohttp with
-    ``FILESERVER_HTTP_TRANSPORT=aiohttp`` (same checks, a fraction of the CPU per GET)."""
+    """The wire downloads go out on: aiohttp (the default: a fraction of httpx's CPU per
+    GET), or httpx with ``FILESERVER_HTTP_TRANSPORT=httpx`` (same checks)."""
     if settings.http_transport == "aiohttp":
         return AiohttpWire(
             max_connections=settings.concurrency,

@@ -203,8 +203,8 @@ class Settings:
     commit_interval_s: float = 1.0
     db_batch_rows: int = 100
     db_batch_linger_ms: float = 10.0
-    http_transport: str = "httpx"
-    s3_transport: str = "boto3"
+    http_transport: str = "aiohttp"
+    s3_transport: str = "http11"
     s3_threads: int = 8
     session_timeout_s: float = 30.0
     kafka_fetch_min_bytes: int = 64 * 1024
@@ -373,10 +373,10 @@ class Settings:
             out.append(
                 f"{PREFIX}MULTIPART_CHUNK_BYTES must be <= {PREFIX}MULTIPART_THRESHOLD_BYTES"
             )
-        if self.http_transport not in ("httpx", "aiohttp"):
-            out.append(f"{PREFIX}HTTP_TRANSPORT must be httpx or aiohttp")
-        if self.s3_transport not in ("boto3", "aiohttp", "http11"):
-            out.append(f"{PREFIX}S3_TRANSPORT must be boto3, aiohttp or http11")
+        if self.http_transport not in ("aiohttp", "httpx"):
+            out.append(f"{PREFIX}HTTP_TRANSPORT must be aiohttp (the default) or httpx")
+        if self.s3_transport not in ("http11", "aiohttp", "boto3"):
+            out.append(f"{PREFIX}S3_TRANSPORT must be http11 (the default), aiohttp or boto3")
         if self.kafka_fetch_max_wait_ms > 10_000:
             out.append(
                 f"{PREFIX}KAFKA_FETCH_MAX_WAIT_MS={self.kafka_fetch_max_wait_ms} is over "

@@ -6,11 +6,11 @@ caps, timeouts). A wire only sends the GET it is given, to the URL's host (a che
 with the given ``Host`` header and TLS SNI / verification name, and streams the body:
 no redirects, no cookies, no decompression, no proxy from the environment.
 
-* :class:`HttpxWire` (default, ``FILESERVER_HTTP_TRANSPORT=httpx``): an
-  :class:`httpx.AsyncClient`.
-* :class:`AiohttpWire` (``FILESERVER_HTTP_TRANSPORT=aiohttp``): an
+* :class:`AiohttpWire` (the default, ``FILESERVER_HTTP_TRANSPORT=aiohttp``): an
   :class:`aiohttp.ClientSession`, used directly: ~0.1 ms of CPU per GET against
   ~1.5-2.5 ms for httpx on this machine (``bench/``; research notes).
+* :class:`HttpxWire` (``FILESERVER_HTTP_TRANSPORT=httpx``): an
+  :class:`httpx.AsyncClient`, the API the downloads were first written against.
 
 Errors, drawn once::
 

@@ -32,6 +32,24 @@ def test_defaults_match_the_contract() -> None:
     assert s == Settings()
 
 
+def test_the_transport_defaults_are_the_fast_paths_and_the_others_stay_settings() -> None:
+    """aiohttp downloads and http11 S3 PUTs by default (issue 16): what `pip install` and
+    the image run alike; httpx and boto3 (and the aiohttp S3 sender) stay available."""
+    s = Settings.from_env({})
+    assert (s.http_transport, s.s3_transport) == ("aiohttp", "http11")
+    other = Settings.from_env(
+        {"FILESERVER_HTTP_TRANSPORT": "HTTPX", "FILESERVER_S3_TRANSPORT": "Boto3"}
+    )
+    assert (other.http_transport, other.s3_transport) == ("httpx", "boto3")
+    assert Settings.from_env({"FILESERVER_S3_TRANSPORT": "aiohttp"}).s3_transport == "aiohttp"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"FILESERVER_HTTP_TRANSPORT": "curl", "FILESERVER_S3_TRANSPORT": "h2"})
+    assert "FILESERVER_HTTP_TRANSPORT must be aiohttp (the default) or httpx" in str(info.value)
+    assert "FILESERVER_S3_TRANSPORT must be http11 (the default), aiohttp or boto3" in str(
+        info.value
+    )
+
+
 def test_from_env_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FILESERVER_TOPIC", "from-os")
     assert Settings.from_env().topic == "from-os"
