@@ -17,7 +17,6 @@ from typing import Any, TextIO
 
 from fileserver import exits
 from fileserver.settings import (
-    DOCS,
     SECRET_FIELDS,
     Settings,
     default_text,
@@ -25,6 +24,7 @@ from fileserver.settings import (
     redact_url,
     unknown_variables,
 )
+from fileserver.settings_docs import DOCS
 
 #: Shown as ``***`` when set, besides the passwords (bearer-token hashes grant nothing,
 #: but they are a credential's fingerprint).

@@ -172,23 +172,6 @@ class FileserverApp(faust_private.PrivateHooks):
     window: IntakeWindow | None = None
 
 
-def _pause_on_outage(app: faust.App) -> Callable[[bool], None]:
-    """Pause fetching while a dependency is down (the fetcher keeps polling, so the
-    group membership stays alive), resume when it is back."""
-
-    def listener(ok: bool) -> None:
-        consumer = app.consumer
-        assignment = consumer.assignment()
-        if not assignment:
-            return
-        if ok:
-            consumer.resume_partitions(assignment)
-        else:
-            consumer.pause_partitions(assignment)
-
-    return listener
-
-
 def partitions_text(partitions: Iterable[Any]) -> str:
     """``events[0,2] other[1]``: topic partitions, grouped by topic, in order."""
     by_topic: dict[str, list[int]] = {}
@@ -312,7 +295,11 @@ def build_app(settings: Settings) -> FileserverApp:
                 max_pending=settings.max_pending,
             )
             app.window = window
-            runtime.health.add_listener(_pause_on_outage(app))
+            # Intake pauses on an outage without faust's pause_partitions: every event
+            # waits for health in the window, the window fills (FILESERVER_MAX_PENDING) and
+            # the agent stops reading. faust's getmany drops records already fetched for a
+            # partition paused meanwhile while aiokafka's position has moved past them: they
+            # were never delivered, and the commit stopped at the gap for good.
             observability.attach(runtime, window, app.consumer)
             try:
                 async for event in stream.noack().events():

@@ -173,7 +173,9 @@ class RecordingSender:
         self.timeout_s = timeout_s
         self.headers: list[dict[str, str]] = []
 
-    async def put(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, url: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes]:
         self.headers.append(headers)
         return 200, b""
 

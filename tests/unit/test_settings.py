@@ -260,7 +260,7 @@ def test_unknown_variables_name_the_closest_setting() -> None:
 
 
 def test_every_setting_is_documented_once() -> None:
-    from fileserver.settings import DOCS
+    from fileserver.settings_docs import DOCS
 
     assert set(DOCS) == {f.name for f in fields(Settings)}
     assert all(doc.meaning.strip() for doc in DOCS.values())
