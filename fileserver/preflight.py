@@ -66,14 +66,19 @@ async def check_database(settings: Settings, repo: Repository) -> None:
 
 
 async def check_bucket(settings: Settings, store: ObjectStore) -> None:
-    """The bucket exists and the store answers."""
+    """The bucket exists and the store answers. A store that answers "no such bucket" is
+    a configuration error (exit status 2); one that does not answer is unreachable (3)."""
     try:
         await store.check_bucket()
+        return
     except DependencyUnavailable as exc:
-        raise ConfigError(
+        message = (
             f"cannot use bucket FILESERVER_S3_BUCKET={settings.s3_bucket} at "
             f"FILESERVER_S3_ENDPOINT_URL={settings.s3_endpoint_url or '(AWS)'}: {exc.detail}"
-        ) from None
+        )
+        if getattr(exc, "code", "") not in ("404", "NoSuchBucket"):
+            raise ConfigError(message) from None  # keeps the outage as its context: 3
+    raise ConfigError(f"{message} (no such bucket: create it, or fix FILESERVER_S3_BUCKET)")
 
 
 def _put_hint(settings: Settings, exc: S3ErrorResponse, region: str) -> str:
