@@ -5,12 +5,9 @@ base's Deployment and the code; rendered with `kubectl kustomize` when kubectl i
 from __future__ import annotations
 
 import copy
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from fileserver.settings import Settings
@@ -95,32 +92,3 @@ def test_the_kubernetes_doc_describes_the_component() -> None:
     ):
         assert phrase in doc, phrase
     assert "does not exist yet" not in doc
-
-
-def test_kubectl_kustomize_renders_the_statefulset_in_place_of_the_deployment(
-    tmp_path: Path,
-) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed: the manifests are checked parsed only")
-    base = tmp_path / "kubernetes"
-    shutil.copytree(K8S, base)
-    with (base / "kustomization.yaml").open("a") as f:
-        f.write("components:\n  - static-membership\n")
-    out = subprocess.run(
-        [kubectl, "kustomize", str(base)], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    by_kind = {d["kind"]: d for d in yaml.safe_load_all(out.stdout)}
-    assert "Deployment" not in by_kind
-    sts = by_kind["StatefulSet"]
-    image = load(K8S / "kustomization.yaml")["images"][0]
-    (container,) = sts["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == f"{image['newName']}:{image['newTag']}"
-    assert sts["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fileserver"
-    assert {"name": ID, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container[
-        "env"
-    ]
-    target = by_kind["ScaledObject"]["spec"]["scaleTargetRef"]
-    assert (target["kind"], target["name"]) == ("StatefulSet", sts["metadata"]["name"])
-    assert by_kind["ConfigMap"]["data"]["FILESERVER_SESSION_TIMEOUT_S"] == "60"
