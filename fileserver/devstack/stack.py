@@ -115,17 +115,17 @@ async def publish(
     return placed
 
 
-def start_worker(
-    stack: StackConfig, *, log_path: Path, extra_env: Mapping[str, str] | None = None
+def start_verb(
+    verb: str, stack: StackConfig, *, log_path: Path, extra_env: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``fileserver worker`` as a real child process logging to ``log_path``."""
+    """Start ``fileserver <verb>`` as a real child process logging to ``log_path``."""
     env = dict(os.environ)
     env.update(stack.env())
     env.update(extra_env or {})
     log = log_path.open("ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "fileserver", "worker"],
+            [sys.executable, "-m", "fileserver", verb],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -133,24 +133,18 @@ def start_worker(
         )
     finally:
         log.close()
+
+
+def start_worker(
+    stack: StackConfig, *, log_path: Path, extra_env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``fileserver worker`` as a real child process logging to ``log_path``."""
+    return start_verb("worker", stack, log_path=log_path, extra_env=extra_env)
 
 
 def start_serve(
     stack: StackConfig, *, log_path: Path, extra_env: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``fileserver serve`` (the read API and the review page) as a real child
-    process logging to ``log_path``; ``extra_env`` carries its FILESERVER_SERVE_*."""
-    env = dict(os.environ)
-    env.update(stack.env())
-    env.update(extra_env or {})
-    log = log_path.open("ab")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fileserver", "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        log.close()
+    """Start ``fileserver serve`` (the read API and the review page); ``extra_env``
+    carries its FILESERVER_SERVE_*."""
+    return start_verb("serve", stack, log_path=log_path, extra_env=extra_env)
