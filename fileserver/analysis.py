@@ -34,8 +34,8 @@ the VAD takes; another rate or stereo is resampled/down-mixed by the decoder):
   ``empty`` is less than ``min_speech_ms`` of speech in all, which then counts as none
   (an empty burst's speech ratio is 0, its leading and trailing silences its length).
 
-:func:`analyse` is plain CPU work (~0.5 ms of CPU per second of audio, 1.1 ms for a 2.5 s
-burst: ``python -m bench.analysis_speed``); :class:`Analyzer` runs it off the event loop, at most
+:func:`analyse` is plain CPU work, mostly the MP3 decoder and the VAD (what it costs per
+second of audio: ``python -m bench.analysis_speed``); :class:`Analyzer` runs it off the event loop, at most
 ``threads`` at a time, skips files over ``max_bytes`` and never fails an event: a
 burst it cannot analyse is stored with its analysis columns ``NULL`` and logged.
 """
@@ -43,6 +43,7 @@ burst it cannot analyse is stored with its analysis columns ``NULL`` and logged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import itertools
 import logging
@@ -108,12 +109,17 @@ def _dbfs(power: float) -> float:
     return max(FLOOR_DBFS, round(10.0 * math.log10(power), 2))
 
 
-def _blocks(content: bytes | Path) -> Iterator[Any]:
-    """The burst as int16 blocks of 16 kHz mono (``array.array``), decoded as MP3 only.
+#: Bytes decoded in one call (dr_mp3 from memory) instead of streamed in blocks: a
+#: talk burst is ~9 KB per 3 s, and the streaming decoder's Python read callbacks cost
+#: more than the decoding itself. 256 KiB decodes to at most ~12 MB of PCM (32 kbit/s
+#: stereo at 48 kHz); Janus's 16 kHz mono bursts to ~3 MB at 24 kbit/s.
+INLINE_DECODE_BYTES = 256 * 1024
 
-    The decoder is told the format: left to guess, miniaudio tried WAV first, so a RIFF
-    header in front of a real MP3 (which the probe skips as junk and accepts) was decoded
-    as 1 Hz PCM up to the duration limit, and a speech burst stored as ``empty``."""
+
+@functools.cache
+def _source_type() -> type:
+    """miniaudio's stream source over a file object (built once: a class statement per
+    burst cost more CPU than the VAD)."""
     import miniaudio
 
     class Source(miniaudio.StreamableSource):  # type: ignore[misc]
@@ -128,10 +134,30 @@ def _blocks(content: bytes | Path) -> Iterator[Any]:
             self.raw.seek(offset, whence)
             return True
 
+    return Source
+
+
+def _blocks(content: bytes | Path) -> Iterator[Any]:
+    """The burst as int16 blocks of 16 kHz mono (``array.array``), decoded as MP3 only.
+
+    The decoder is told the format: left to guess, miniaudio tried WAV first, so a RIFF
+    header in front of a real MP3 (which the probe skips as junk and accepts) was decoded
+    as 1 Hz PCM up to the duration limit, and a speech burst stored as ``empty``.
+
+    A small burst already in memory is decoded in one call by dr_mp3 (MP3 only, its own
+    rate and channels); when that is not 16 kHz mono it is decoded again through the
+    converting stream, so the samples are the same either way (tested)."""
+    import miniaudio
+
+    if isinstance(content, bytes) and len(content) <= INLINE_DECODE_BYTES:
+        decoded = miniaudio.mp3_read_s16(content)
+        if decoded.sample_rate == SAMPLE_RATE and decoded.nchannels == 1:
+            yield decoded.samples
+            return
     raw: IO[bytes] = content.open("rb") if isinstance(content, Path) else io.BytesIO(content)
     try:  # a decoding error is raised when iterated
         yield from miniaudio.stream_any(
-            Source(raw),
+            _source_type()(raw),
             source_format=miniaudio.FileFormat.MP3,
             output_format=miniaudio.SampleFormat.SIGNED16,
             nchannels=1,
@@ -152,32 +178,33 @@ def analyse(content: bytes | Path, config: AnalysisConfig | None = None) -> Anal
     vad = webrtcvad.Vad(cfg.vad_mode)
     clip_level = int(FULL_SCALE * 10 ** (cfg.clip_dbfs / 20.0))
     max_samples = int(cfg.max_seconds * SAMPLE_RATE)
-    peak = clipped = total = 0
-    sum_squares = 0.0
+    peak = clipped = total = sum_squares = 0
     levels: list[Any] = []  # per-frame mean squares, one array per block
     voiced: list[bool] = []
     carry = np.zeros(0, dtype=np.int16)
+    is_speech = vad.is_speech
+    step = FRAME * 2
     try:
         for block in _blocks(content):
             x = np.frombuffer(block, dtype=np.int16)
             if total + len(x) > max_samples:
                 x = x[: max_samples - total]
             total += len(x)
-            if len(x):
-                wide = x.astype(np.float64)  # int32 squares would overflow in the sum
-                magnitude = np.abs(wide)
-                peak = max(peak, int(magnitude.max()))
-                clipped += int(np.count_nonzero(magnitude >= clip_level))
-                # not np.dot: BLAS may wake its thread pool (CPU on every core) for it
-                sum_squares += float(np.square(wide).sum())
+            if len(x):  # in int16/int64: exact, and no float copies of the block
+                peak = max(peak, int(x.max()), -int(x.min()))
+                clipped += int(np.count_nonzero(x >= clip_level))
+                clipped += int(np.count_nonzero(x <= -clip_level))
+            new = len(x)
             x = np.concatenate((carry, x)) if len(carry) else x
+            wide = x.astype(np.int64)  # int16 squares overflow; integer dot uses no BLAS
+            fresh = wide[len(wide) - new :]
+            sum_squares += int(np.dot(fresh, fresh))
             whole = len(x) // FRAME * FRAME
-            frames = x[:whole].reshape(-1, FRAME).astype(np.float64)
-            levels.append((frames * frames).mean(axis=1) / FULL_SCALE**2)
+            frames = wide[:whole].reshape(-1, FRAME)
+            levels.append(np.einsum("ij,ij->i", frames, frames) / (FRAME * FULL_SCALE**2))
             pcm = x[:whole].tobytes()
-            step = FRAME * 2
             voiced.extend(
-                vad.is_speech(pcm[i : i + step], SAMPLE_RATE) for i in range(0, len(pcm), step)
+                is_speech(pcm[i : i + step], SAMPLE_RATE) for i in range(0, whole * 2, step)
             )
             carry = x[whole:].copy()
             if total >= max_samples:
