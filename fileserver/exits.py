@@ -30,6 +30,11 @@ TABLE: tuple[tuple[int, str], ...] = (
 )
 
 
+def meaning(code: int) -> str:
+    """What exit status ``code`` means, as :data:`TABLE` says (``"unknown"`` for another)."""
+    return dict(TABLE).get(code, "unknown")
+
+
 def epilog() -> str:
     """The exit-status table as ``fileserver --help`` prints it."""
     rows = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in TABLE)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import sys
 import time
@@ -53,6 +52,7 @@ from fileserver.repair import Restored, Store, Wanted, restore_object
 from fileserver.repository import RecordingRef, Repository
 from fileserver.settings import Settings
 from fileserver.storage import ListedObject, ObjectStore
+from fileserver.summary import Output, add_json_option
 
 T = TypeVar("T")
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
@@ -478,8 +478,9 @@ def run(
     progress: bool | None,
     out: TextIO | None = None,
 ) -> int:
-    """The ``fileserver reconcile`` command: report (text, and JSON to a file or ``-``)."""
-    out = out or sys.stdout
+    """The ``fileserver reconcile`` command: the text report, and the JSON summary with
+    ``--json`` (:mod:`fileserver.summary`)."""
+    output = Output(json_path, out=out)
     report = asyncio.run(
         reconcile(
             settings,
@@ -489,15 +490,8 @@ def run(
             progress=Progress(enabled=progress),
         )
     )
-    doc = json.dumps(report.as_json(), indent=2) + "\n"
-    if json_path == "-":
-        out.write(doc)
-        print(report.render(), file=sys.stderr)
-    else:
-        if json_path:
-            with open(json_path, "w", encoding="utf-8") as f:
-                f.write(doc)
-        print(report.render(), file=out)
+    print(report.render(), file=output.text)
+    output.emit("reconcile", report.as_json(), report.exit_code)
     return report.exit_code
 
 
@@ -527,9 +521,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "the bucket unreachable (at the start or during the run), 130 interrupted.",
     )
     rc.add_argument("--repair", action="store_true", help="fix what can be fixed")
-    rc.add_argument(
-        "--json", metavar="FILE", help="also write the report as JSON to FILE ('-': stdout)"
-    )
+    add_json_option(rc, "the report")
     rc.add_argument(
         "--min-age",
         type=float,

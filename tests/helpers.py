@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,6 +70,20 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
             proc.kill()
             proc.wait()
     return int(proc.returncode)
+
+
+def run_cli(
+    env: Mapping[str, str], *argv: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m fileserver ARGV`` as a process with ``env``: its status, stdout, stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "fileserver", *argv],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def tail(path: Path, lines: int = 40) -> str:

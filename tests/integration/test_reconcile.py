@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import uuid
 from dataclasses import replace
 from io import StringIO
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fileserver import exits
 from fileserver.devstack.samples import SampleServer, make_mp3, talk_event
 from fileserver.devstack.stack import StackConfig
 from fileserver.errors import ConfigError
@@ -28,7 +28,7 @@ from fileserver.pipeline import Outcome
 from fileserver.reconcile import Kind, Progress, Repair, Report, reconcile
 from fileserver.record import SourceRecord
 from fileserver.runtime import open_runtime
-from tests.helpers import count, query
+from tests.helpers import count, query, run_cli
 
 
 def _objects(stack: StackConfig) -> dict[str, bytes]:
@@ -49,15 +49,7 @@ def _s3_credentials(kafka_stack: StackConfig, monkeypatch: pytest.MonkeyPatch) -
 
 
 def _cli(stack: StackConfig, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.update(stack.env())
-    return subprocess.run(
-        [sys.executable, "-m", "fileserver", "reconcile", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli({**os.environ, **stack.env()}, "reconcile", *args, timeout=300)
 
 
 async def test_reconcile_reports_repairs_and_quarantines(
@@ -133,6 +125,11 @@ async def test_reconcile_reports_repairs_and_quarantines(
     print("\n--- fileserver reconcile --min-age 0 --json report.json\n" + done.stdout)
     assert "missing_object" in done.stdout and "nothing was changed" in done.stdout
     doc = json.loads(out.read_text())
+    assert (doc["command"], doc["exit_status"], doc["exit_meaning"]) == (
+        "reconcile",
+        1,
+        exits.meaning(1),
+    )
     assert doc["mode"] == "read-only" and doc["unresolved"] == 7
     assert doc["counts"] == {
         "missing_object": 3,
@@ -152,7 +149,7 @@ async def test_reconcile_reports_repairs_and_quarantines(
     assert _objects(stack) == before
 
     # 3. Repair through the command.
-    done = _cli(stack, "--repair", "--min-age", "0", "--json", "-")
+    done = _cli(stack, "--repair", "--min-age", "0", "--json")  # stdout: one object
     assert done.returncode == 1, done.stderr
     print("--- fileserver reconcile --repair --min-age 0\n" + done.stderr)
     repaired = {i["key"]: i for i in json.loads(done.stdout)["issues"]}
@@ -210,13 +207,7 @@ async def test_reconcile_runs_the_workers_preflight_checks(
     done = _cli(kafka_stack, "--min-age", "0")
     assert done.returncode == 0, done.stderr
     env_bucket = {"FILESERVER_S3_BUCKET": "nowhere"}
-    done = subprocess.run(
-        [sys.executable, "-m", "fileserver", "reconcile"],
-        env={**os.environ, **kafka_stack.env(), **env_bucket},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli({**os.environ, **kafka_stack.env(), **env_bucket}, "reconcile", timeout=300)
     assert done.returncode == 2 and "FILESERVER_S3_BUCKET=nowhere" in done.stderr, done.stderr
 
 
