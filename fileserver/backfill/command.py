@@ -23,6 +23,7 @@ from fileserver.cliargs import add_concurrency
 from fileserver.errors import ConfigError, DependencyUnavailable
 from fileserver.runtime import make_reader, open_runtime, preflight
 from fileserver.settings import Settings
+from fileserver.summary import Output, add_json_option
 
 log = logging.getLogger("fileserver.backfill")
 
@@ -48,9 +49,10 @@ and time; no timezone means UTC) and compare with the Kafka record timestamps (w
 event was published), resolved with the broker's offsets-for-times.
 
 Progress: one updating line on a terminal, a log line every --log-interval seconds
-otherwise; a summary table on stdout at the end. Ctrl-C (or SIGTERM) stops cleanly:
-in-flight events are abandoned (a later run redoes them) and the summary says how to
-resume.
+otherwise; a summary table on stdout at the end. --json prints the summary as one JSON
+object on stdout instead (the table goes to stderr; --json FILE writes it to FILE). Ctrl-C
+(or SIGTERM) stops cleanly: in-flight events are abandoned (a later run redoes them) and
+the summary says how to resume.
 
 Exit status (the table of `fileserver --help`): 0 every event ended as a row or a skip;
 1 some were dead-lettered, a --verify problem or an error; 2 configuration error (bad
@@ -136,6 +138,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="SECONDS",
         help="seconds between progress log lines when not on a terminal (default 5)",
     )
+    add_json_option(how, "the summary")
     bf.set_defaults(func=run_command)
 
 
@@ -217,6 +220,8 @@ class _Job:
             problems=list(self.tally.problems),
             breaker=halted.detail if halted is not None else None,
             held=list(self.backfill.held) if self.backfill else [],
+            dead_lettered_by_reason=Counter(self.tally.dead_lettered_by_reason),
+            verify=self.options.verify,
         )
 
 
@@ -288,7 +293,7 @@ async def run_backfill(
     return summary
 
 
-async def _main(settings: Settings, options: BackfillOptions) -> int:
+async def _main(settings: Settings, options: BackfillOptions, output: Output) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -305,14 +310,15 @@ async def _main(settings: Settings, options: BackfillOptions) -> int:
             loop.add_signal_handler(sig, on_signal, sig)
             installed.append(sig)
     try:
-        summary = await run_backfill(settings, options, stop=stop)
+        summary = await run_backfill(settings, options, stop=stop, out=output.text)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+    output.emit("backfill", summary.as_json(), summary.exit_code)
     return summary.exit_code
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """``fileserver backfill``: returns the exit status (0, 1, 4 or 130; see :class:`Summary`)."""
     options = BackfillOptions.from_args(args)
-    return asyncio.run(_main(settings, options))
+    return asyncio.run(_main(settings, options, Output(args.json)))

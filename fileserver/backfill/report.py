@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, NamedTuple
 
 from fileserver import progress
 from fileserver.backfill.ranges import Plan
@@ -78,6 +79,18 @@ _ONLY_IF_ANY = (Kind.REPAIRED_OBJECT, Kind.REPAIRED_ROW, Kind.PROBLEM, Kind.ERRO
 MAX_LISTED = 20
 
 
+class Held(NamedTuple):
+    """An event the dead-letter breaker stopped the run on: not done, redone on resume."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset} ({self.reason})"
+
+
 @dataclass
 class Summary:
     """What a backfill run did; :attr:`exit_code` tells success from partial failure."""
@@ -86,13 +99,15 @@ class Summary:
     dry_run: bool
     counts: Counter[Kind]
     elapsed_s: float
+    verify: bool = False
     interrupted: bool = False
     error: str | None = None
     resume: dict[int, int] = field(default_factory=dict)
     repairs: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     breaker: str | None = None  # the breaker's detail when it stopped the run
-    held: list[str] = field(default_factory=list)  # events it stopped on (not done)
+    held: list[Held] = field(default_factory=list)  # events it stopped on (not done)
+    dead_lettered_by_reason: Counter[str] = field(default_factory=Counter)
 
     @property
     def done(self) -> int:
@@ -120,6 +135,11 @@ class Summary:
             if kind in _ONLY_IF_ANY and not self.counts[kind]:
                 continue
             rows.append(f"{label:<{width}}{self.counts[kind]:>10,}")
+            if kind is Kind.DEAD_LETTERED and self.dead_lettered_by_reason:
+                by_reason = ", ".join(
+                    f"{reason} {n:,}" for reason, n in sorted(self.dead_lettered_by_reason.items())
+                )
+                rows.append(f"  by reason: {by_reason}")
         rows.append("-" * (width + 10))
         rate = self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
         rows.append(f"{'total':<{width}}{self.done:>10,}")
@@ -138,19 +158,16 @@ class Summary:
             )
             rows.append(f"breaker: {self.breaker}")
             rows.extend(
-                f"held (not dead-lettered, redone on resume): {line}"
-                for line in self.held[:MAX_LISTED]
+                f"held (not dead-lettered, redone on resume): {held}"
+                for held in self.held[:MAX_LISTED]
             )
             if len(self.held) > MAX_LISTED:
                 rows.append(f"... and {len(self.held) - MAX_LISTED} more held (see the log)")
         if self.interrupted:
             rows.append("interrupted: in-flight events were abandoned (a later run redoes them)")
-        stopped = self.interrupted or self.breaker is not None
-        if stopped and self.resume and self.plan is not None:
-            stops = {r.partition: r.stop for r in self.plan.ranges}
-            args = " ".join(f"--from-offset {p}:{o}" for p, o in sorted(self.resume.items()))
-            args += " " + " ".join(f"--to-offset {p}:{stops[p]}" for p in sorted(self.resume))
-            rows.append(f"resume with: fileserver backfill --topic {self.plan.topic} {args}")
+        command = self.resume_command()
+        if command is not None:
+            rows.append(f"resume with: {command}")
         if self.breaker is not None:
             rows.append(
                 "to go on: fix the cause, then run the resume command; or run it with "
@@ -158,6 +175,60 @@ class Summary:
             )
         rows.append(f"exit status {self.exit_code}")
         return "\n".join(rows)
+
+    def resume_ranges(self) -> list[tuple[int, int, int]]:
+        """``(partition, from_offset, to_offset)`` left to do when the run stopped early
+        (interrupted or the breaker); empty when it ran to its end."""
+        stopped = self.interrupted or self.breaker is not None
+        if not stopped or self.plan is None:
+            return []
+        stops = {r.partition: r.stop for r in self.plan.ranges}
+        return [(p, o, stops[p]) for p, o in sorted(self.resume.items())]
+
+    def resume_command(self) -> str | None:
+        """The command that finishes the range, when the run stopped early."""
+        ranges = self.resume_ranges()
+        if not ranges or self.plan is None:
+            return None
+        args = " ".join(f"--from-offset {p}:{start}" for p, start, _ in ranges)
+        args += " " + " ".join(f"--to-offset {p}:{stop}" for p, _, stop in ranges)
+        return f"fileserver backfill --topic {self.plan.topic} {args}"
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` summary's own keys (docs/operations.md, JSON summaries): every
+        count of the text table, zeros included, and what the text lists."""
+        labels = DRY_LABELS if self.dry_run else LABELS
+        plan = self.plan
+        resume = self.resume_ranges()
+        return {
+            "mode": "dry-run" if self.dry_run else "verify" if self.verify else "replay",
+            "topic": plan.topic if plan is not None else None,
+            "ranges": [
+                {"partition": r.partition, "start": r.start, "stop": r.stop, "records": r.size}
+                for r in (plan.ranges if plan is not None else ())
+            ],
+            "offsets_in_range": plan.total if plan is not None else None,
+            "notes": list(plan.notes) if plan is not None else [],
+            "counts": {kind.value: self.counts[kind] for kind in labels},
+            "total": self.done,
+            "dead_lettered_by_reason": dict(sorted(self.dead_lettered_by_reason.items())),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "repairs": list(self.repairs),
+            "problems": list(self.problems),
+            "error": self.error,
+            "interrupted": self.interrupted,
+            "breaker": self.breaker,
+            "held": [h._asdict() for h in self.held],
+            "resume": None
+            if not resume
+            else {
+                "command": self.resume_command(),
+                "ranges": [
+                    {"partition": p, "from_offset": start, "to_offset": stop}
+                    for p, start, stop in resume
+                ],
+            },
+        }
 
     def one_line(self) -> str:
         return " ".join(f"{k.value}={n}" for k, n in sorted(self.counts.items()) if n)
@@ -170,6 +241,7 @@ class Tally:
     counts: Counter[Kind] = field(default_factory=Counter)
     repairs: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    dead_lettered_by_reason: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
 
     @property

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from fileserver.backfill.options import BackfillOptions
 from fileserver.backfill.ranges import Plan
-from fileserver.backfill.report import FROM_OUTCOME, Kind, Tally
+from fileserver.backfill.report import FROM_OUTCOME, Held, Kind, Tally
 from fileserver.errors import BreakerOpen, PermanentError
 from fileserver.events import SkippedEvent, TalkEvent, parse_event
 from fileserver.layout import is_md5, object_key, object_metadata, stored_matches
@@ -60,7 +60,7 @@ class Backfill:
         self._next: dict[int, int] = {r.partition: r.start for r in plan.ranges}
         #: Set by the first event the dead-letter breaker would hold: the run stops there.
         self.halted: BreakerOpen | None = None
-        self.held: list[str] = []
+        self.held: list[Held] = []
         self._reader: asyncio.Task[None] | None = None
         settings = runtime.settings
         self._policy = SourcePolicy(settings.allowed_sources)
@@ -261,7 +261,7 @@ class Backfill:
         The offset stays in ``_in_flight`` and is not counted, so :meth:`resume_offsets`
         starts at it: it was neither ingested nor dead-lettered.
         """
-        self.held.append(f"{record.source} ({exc.reason})")
+        self.held.append(Held(record.topic, record.partition, record.offset, exc.reason))
         if self.halted is not None:
             return
         self.halted = exc
@@ -284,6 +284,8 @@ class Backfill:
             log.warning("repaired %s", line)
             self.tally.repairs.append(line)
             return Kind.REPAIRED_ROW
+        if result.outcome is Outcome.DEAD_LETTERED:
+            self.tally.dead_lettered_by_reason[result.reason or "unknown"] += 1
         return FROM_OUTCOME[result.outcome]
 
     async def _ingest_checking_store(self, record: SourceRecord) -> Result:

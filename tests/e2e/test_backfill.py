@@ -6,7 +6,7 @@ never a duplicate, never a second dead letter, never touching the live group's
 committed offsets; ranges stop at their bounds; a replay beside a live worker ends with
 each event once; ``--dry-run`` writes nothing; Ctrl-C stops with a summary that says
 how to resume; so does the dead-letter breaker (exit status 4) instead of holding the
-run, while payload reasons never stop it.
+run, while payload reasons never stop it; ``--json`` prints the same as one JSON object.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from fileserver import exits
 from fileserver.backfill import BackfillOptions, Kind, Summary, run_backfill
 from fileserver.cli import build_parser
 from fileserver.deadletter import HEADER_SOURCE
@@ -41,7 +42,16 @@ from fileserver.devstack.samples import (
     talk_event,
 )
 from fileserver.devstack.stack import StackConfig, start_worker
-from tests.helpers import committed_offsets, count, query, read_all, stop_process, tail, wait_until
+from tests.helpers import (
+    committed_offsets,
+    count,
+    query,
+    read_all,
+    run_cli,
+    stop_process,
+    tail,
+    wait_until,
+)
 
 PARTITIONS = 3
 
@@ -126,6 +136,16 @@ async def _publish_at(
     return placed
 
 
+def _publish_now(
+    stack: StackConfig, values: list[bytes], corpus: Corpus | None, *, partitions: int
+) -> None:
+    """Publish ``values`` round-robin over ``partitions``, timestamped from now."""
+    now = int(time.time() * 1000)
+    asyncio.run(
+        _publish_at(stack.kafka_bootstrap, stack.topic, values, now, corpus, partitions=partitions)
+    )
+
+
 def _run(
     stack: StackConfig, *argv: str, env: Mapping[str, str] | None = None, timeout: float = 300
 ) -> Summary:
@@ -157,14 +177,7 @@ def _run_process(
     stack: StackConfig, *argv: str, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``fileserver backfill ARGV`` as a process; killed (and the test failed) after 180 s."""
-    return subprocess.run(
-        [sys.executable, "-m", "fileserver", "backfill", *argv],
-        env=_subprocess_env(stack) | dict(env or {}),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_cli(_subprocess_env(stack) | dict(env or {}), "backfill", *argv, timeout=180)
 
 
 def _table(stdout: str) -> dict[str, int]:
@@ -545,16 +558,7 @@ def test_the_dead_letter_breaker_stops_a_backfill_and_the_resume_command_finishe
     values = _values(srv, corpus, "pre", good=5, missing=0, bad=0, skip=0)
     values += _gone(srv, corpus, "brk", 8)
     values += _values(srv, corpus, "post", good=5, missing=0, bad=0, skip=0)
-    asyncio.run(
-        _publish_at(
-            stack.kafka_bootstrap,
-            stack.topic,
-            values,
-            int(time.time() * 1000),
-            corpus,
-            partitions=1,
-        )
-    )
+    _publish_now(stack, values, corpus, partitions=1)
     held_offset = 5 + 3  # the 4th 404: the first the breaker would hold
     assert corpus.positions[corpus.missing[3]] == (0, held_offset)
 
@@ -648,3 +652,128 @@ def test_payload_reasons_never_stop_a_backfill(
     assert [tuple(r) for r in reasons] == [("invalid_event", 105)]
     assert len(set(_dead_letter_sources(stack))) == 105
     _assert_rows_and_objects_match(stack, corpus)
+
+
+def _json_run(
+    stack: StackConfig, *argv: str, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``fileserver backfill ARGV --json``: the process and its summary; stdout must be
+    that one JSON object and nothing else (json.loads refuses anything after it)."""
+    done = _run_process(stack, *argv, "--progress", "log", "--json", env=env)
+    try:
+        return done, json.loads(done.stdout)
+    except ValueError:
+        raise AssertionError(
+            f"stdout is not one JSON object:\n{done.stdout}\n{done.stderr}"
+        ) from None
+
+
+def test_json_summaries_of_a_dry_run_a_breaker_stop_and_its_resume(
+    kafka_stack: StackConfig, sample_server: SampleServer, tmp_path: Path
+) -> None:
+    """--json on real servers: one object on stdout (the text on stderr) with the counts of
+    what happened, for exit status 0 (dry run), 4 (the breaker, with the held event and the
+    resume command) and 1 (dead letters; --json FILE leaves the table on stdout)."""
+    stack, srv = kafka_stack, sample_server
+    corpus = Corpus()
+    # offsets: 0 good, 1 a msg_type 2/3, 2-3 good, 4-8 sources that answer 404, 9-10 good
+    values = _values(srv, corpus, "ja", good=3, missing=0, bad=0, skip=1)
+    values += _gone(srv, corpus, "jg", 5)
+    values += _values(srv, corpus, "jb", good=2, missing=0, bad=0, skip=0)
+    _publish_now(stack, values, corpus, partitions=1)
+    held_offset = 4 + 3  # the 4th 404: the first the breaker (at 3) would hold
+    assert corpus.positions[corpus.missing[3]] == (0, held_offset)
+    ranges = [{"partition": 0, "start": 0, "stop": 11, "records": 11}]
+
+    dry, doc = _json_run(stack, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "backfill of topic" in dry.stderr and "dry run (nothing written)" in dry.stderr
+    assert doc["elapsed_s"] >= 0
+    del doc["elapsed_s"]
+    assert doc == {
+        "command": "backfill",
+        "mode": "dry-run",
+        "topic": stack.topic,
+        "ranges": ranges,
+        "offsets_in_range": 11,
+        "notes": [],
+        "counts": {
+            "new": 10,
+            "already_present": 0,
+            "skipped": 1,
+            "would_dead_letter": 0,
+            "already_failed": 0,
+        },
+        "total": 11,
+        "dead_lettered_by_reason": {},
+        "repairs": [],
+        "problems": [],
+        "error": None,
+        "interrupted": False,
+        "breaker": None,
+        "held": [],
+        "resume": None,
+        "exit_status": 0,
+        "exit_meaning": "done",
+    }
+    assert count(stack.database_url, "recordings") == 0
+
+    breaker = {"FILESERVER_DLQ_MAX_CONSECUTIVE": "3", "FILESERVER_DLQ_BREAKER_COOLDOWN_S": "3600"}
+    stopped, doc = _json_run(stack, "--concurrency", "1", env=breaker)
+    assert stopped.returncode == 4, stopped.stderr
+    assert "stopped by the dead-letter breaker" in stopped.stderr  # the table, on stderr
+    command = (
+        f"fileserver backfill --topic {stack.topic} "
+        f"--from-offset 0:{held_offset} --to-offset 0:{len(values)}"
+    )
+    assert f"resume with: {command}" in stopped.stderr
+    assert (doc["mode"], doc["ranges"], doc["total"]) == ("replay", ranges, 7)
+    assert doc["counts"] == {
+        "ingested": 3,
+        "already_present": 0,
+        "repaired_object": 0,
+        "repaired_row": 0,
+        "skipped": 1,
+        "already_failed": 0,
+        "dead_lettered": 3,
+        "problem": 0,
+        "error": 0,
+    }
+    assert doc["dead_lettered_by_reason"] == {"source_not_found": 3}
+    assert doc["breaker"].startswith("dead-letter breaker open: 3 consecutive 'source_not_found'")
+    assert doc["held"] == [
+        {"topic": stack.topic, "partition": 0, "offset": held_offset, "reason": "source_not_found"}
+    ]
+    assert doc["resume"] == {
+        "command": command,
+        "ranges": [{"partition": 0, "from_offset": held_offset, "to_offset": len(values)}],
+    }
+    assert (doc["exit_status"], doc["exit_meaning"]) == (4, exits.meaning(4))
+    assert (doc["interrupted"], doc["error"]) == (False, None)
+    assert count(stack.database_url, "recordings") == 3
+    assert count(stack.database_url, "ingest_failures") == 3
+
+    # The resume command from the JSON, the breaker off, the summary to a file.
+    path = tmp_path / "resume.json"
+    args = doc["resume"]["command"].removeprefix("fileserver backfill ").split()
+    finished = _run_process(
+        stack,
+        *args,
+        "--progress",
+        "log",
+        "--json",
+        str(path),
+        env={"FILESERVER_DLQ_MAX_CONSECUTIVE": "0"},
+    )
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    table = _table(finished.stdout)  # with --json FILE the table stays on stdout
+    assert (table["ingested"], table["dead-lettered"], table["total"]) == (2, 2, 4)
+    assert "by reason: source_not_found 2" in finished.stdout
+    doc = json.loads(path.read_text())
+    assert doc["ranges"] == [{"partition": 0, "start": held_offset, "stop": 11, "records": 4}]
+    assert (doc["counts"]["ingested"], doc["counts"]["dead_lettered"], doc["total"]) == (2, 2, 4)
+    assert doc["dead_lettered_by_reason"] == {"source_not_found": 2}
+    assert (doc["breaker"], doc["held"], doc["resume"]) == (None, [], None)
+    assert (doc["exit_status"], doc["exit_meaning"]) == (1, exits.meaning(1))
+    _assert_rows_and_objects_match(stack, corpus)
+    assert count(stack.database_url, "ingest_failures") == 5

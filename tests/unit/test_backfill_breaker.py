@@ -20,6 +20,7 @@ from fileserver.backfill import (
     EXIT_BREAKER,
     Backfill,
     BackfillOptions,
+    Held,
     Kind,
     PartitionRange,
     Plan,
@@ -154,7 +155,8 @@ def test_breaker_open_stops_the_run_and_resumes_at_the_first_held_event() -> Non
     assert "FILESERVER_DLQ_MAX_CONSECUTIVE=3" in backfill.halted.detail
     assert len(sink.letters) == len(repo.failures) == 3
     assert {s for s, _ in sink.letters} <= {f"{TOPIC}/0/{o}" for o in range(5, 13)}
-    held = [int(line.split()[0].rsplit("/", 1)[1]) for line in backfill.held]
+    held = [h.offset for h in backfill.held]
+    assert {h.reason for h in backfill.held} == {"source_not_found"}
     assert held and all(5 <= o < 13 for o in held)
     # Nothing is started once the breaker opened: no good event after the 404s.
     assert max(started) < 13
@@ -181,7 +183,7 @@ def test_summary_of_a_run_stopped_by_the_breaker() -> None:
         1.0,
         resume={0: 8},
         breaker=detail,
-        held=["events/0/8 (source_not_found)"],
+        held=[Held("events", 0, 8, "source_not_found")],
     )
     assert summary.exit_code == EXIT_BREAKER == 4
     text = summary.render()

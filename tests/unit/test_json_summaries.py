@@ -6,15 +6,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from fileserver import exits, summary
+from fileserver.backfill import Held, Kind, PartitionRange, Plan, Summary
 from fileserver.cli import build_parser
 from fileserver.reconcile import Report as ReconcileReport
 
-VERBS = ["reconcile"]
+VERBS = ["backfill", "reconcile"]
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -71,3 +73,84 @@ def test_reconcile_summary_goes_through_the_same_helper() -> None:
     body = ReconcileReport(bucket="b", repair=False).as_json()
     doc = summary.document("reconcile", body, 0)
     assert next(iter(doc)) == "command" and doc["bucket"] == "b" and doc["exit_meaning"] == "done"
+
+
+PLAN = Plan("events", (PartitionRange(0, 0, 18), PartitionRange(1, 4, 10)))
+BREAKER = "dead-letter breaker open: 3 consecutive 'source_not_found' failures"
+
+
+def _keys_are_snake_case(value: object) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            assert key == key.lower() and "-" not in key and " " not in key, key
+            _keys_are_snake_case(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            _keys_are_snake_case(inner)
+
+
+def test_backfill_summary_stopped_by_the_breaker() -> None:
+    stopped = Summary(
+        PLAN,
+        False,
+        Counter({Kind.INGESTED: 5, Kind.DEAD_LETTERED: 3, Kind.ALREADY_PRESENT: 2}),
+        1.5,
+        resume={0: 8},
+        breaker=BREAKER,
+        held=[Held("events", 0, 8, "source_not_found")],
+        dead_lettered_by_reason=Counter({"source_not_found": 3}),
+    )
+    doc = stopped.as_json()
+    _keys_are_snake_case(doc)
+    assert doc["mode"] == "replay" and doc["topic"] == "events"
+    assert doc["ranges"] == [
+        {"partition": 0, "start": 0, "stop": 18, "records": 18},
+        {"partition": 1, "start": 4, "stop": 10, "records": 6},
+    ]
+    assert doc["offsets_in_range"] == 24
+    assert doc["counts"] == {
+        "ingested": 5,
+        "already_present": 2,
+        "repaired_object": 0,
+        "repaired_row": 0,
+        "skipped": 0,
+        "already_failed": 0,
+        "dead_lettered": 3,
+        "problem": 0,
+        "error": 0,
+    }
+    assert doc["total"] == 10
+    assert doc["dead_lettered_by_reason"] == {"source_not_found": 3}
+    assert doc["breaker"] == BREAKER and doc["interrupted"] is False
+    assert doc["held"] == [
+        {"topic": "events", "partition": 0, "offset": 8, "reason": "source_not_found"}
+    ]
+    assert doc["resume"] == {
+        "command": "fileserver backfill --topic events --from-offset 0:8 --to-offset 0:18",
+        "ranges": [{"partition": 0, "from_offset": 8, "to_offset": 18}],
+    }
+    text = stopped.render()
+    assert f"resume with: {doc['resume']['command']}" in text, "the same command as the text"
+    assert "  by reason: source_not_found 3" in text
+    assert summary.document("backfill", doc, stopped.exit_code)["exit_status"] == 4
+
+
+def test_backfill_summary_of_a_dry_run_and_of_a_finished_run() -> None:
+    dry = Summary(PLAN, True, Counter({Kind.NEW: 4, Kind.WOULD_DEAD_LETTER: 1}), 0.2)
+    doc = dry.as_json()
+    assert doc["mode"] == "dry-run"
+    assert doc["counts"] == {
+        "new": 4,
+        "already_present": 0,
+        "skipped": 0,
+        "would_dead_letter": 1,
+        "already_failed": 0,
+    }
+    assert doc["resume"] is None and doc["held"] == [] and doc["error"] is None
+    done = Summary(PLAN, False, Counter({Kind.INGESTED: 1}), 0.1, verify=True, error="boom")
+    assert done.as_json()["mode"] == "verify" and done.as_json()["error"] == "boom"
+    assert done.exit_code == 1
+    # interrupted before the plan was resolved: the keys are still all there
+    early = Summary(None, False, Counter(), 0.0, interrupted=True).as_json()
+    assert early["topic"] is None and early["ranges"] == [] and early["resume"] is None
+    assert set(early) == set(doc)
