@@ -19,21 +19,30 @@ import logging
 import sys
 import textwrap
 from collections import Counter
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, TextIO
 
+from fileserver import exits
 from fileserver.cliargs import add_concurrency, parse_time, with_concurrency
 from fileserver.errors import PermanentError
 from fileserver.events import SkippedEvent, parse_event
 from fileserver.pipeline import Result
 from fileserver.record import SourceRecord
-from fileserver.repository import FailureFilter, FailureRow
-from fileserver.runtime import Runtime, open_runtime
+from fileserver.repository import FailureFilter, FailureRow, Repository
+from fileserver.runtime import Runtime, make_engine, open_runtime
 from fileserver.settings import Settings
+from fileserver.summary import Output, add_json_option
 
 log = logging.getLogger("fileserver.redrive")
 
 RECOVERED = "recovered"
 FAILED_AGAIN = "failed_again"
+
+#: What a dry run predicts for one dead letter (``Prediction.action``).
+RE_INGEST = "re_ingest"
+CLEAR = "clear"
+FAIL_AGAIN = "fail_again"
 
 
 def _record(failure: FailureRow) -> SourceRecord:
@@ -46,17 +55,101 @@ def _record(failure: FailureRow) -> SourceRecord:
     )
 
 
-async def predict(runtime: Runtime, failure: FailureRow) -> str:
+@dataclass(frozen=True)
+class Prediction:
+    """What redriving one dead letter would do: ``action`` (re_ingest, clear or
+    fail_again), the reason it would fail again with, and a readable detail."""
+
+    action: str
+    detail: str
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        if self.action == FAIL_AGAIN:
+            return f"fail again: {self.reason} ({self.detail})"
+        if self.action == CLEAR:
+            return f"clear: {self.detail}"
+        return f"re-ingest from {self.detail}"
+
+
+async def predict(runtime: Runtime, failure: FailureRow) -> Prediction:
     """What redriving ``failure`` would do, without downloading or writing anything."""
     try:
         parsed = parse_event(failure.payload)
     except PermanentError as exc:
-        return f"fail again: {exc.reason.value} ({exc.detail[:80]})"
+        return Prediction(FAIL_AGAIN, exc.detail[:80], exc.reason.value)
     if isinstance(parsed, SkippedEvent):
-        return f"clear: msg_type {parsed.msg_type} is skipped, not ingested"
+        return Prediction(CLEAR, f"msg_type {parsed.msg_type} is skipped, not ingested")
     if await runtime.repo.recording_md5(parsed.file_path) is not None:
-        return "clear: a row for this recording already exists"
-    return f"re-ingest from {parsed.file_path[:120]}"
+        return Prediction(CLEAR, "a row for this recording already exists")
+    return Prediction(RE_INGEST, parsed.file_path[:120])
+
+
+@dataclass
+class Report:
+    """What one redrive did (or, with ``dry_run``, would do); :attr:`exit_code`."""
+
+    dry_run: bool
+    #: the selected dead letters by their reason when selected
+    selected_by_reason: Counter[str] = field(default_factory=Counter)
+    #: dry run: each selected dead letter and what redriving it would do
+    predictions: list[tuple[FailureRow, Prediction]] = field(default_factory=list)
+    #: the dead letters that became rows, by outcome (ingested, duplicate, skipped...)
+    recovered_by_outcome: Counter[str] = field(default_factory=Counter)
+    #: the dead letters that failed again, by their new reason
+    failed_again_by_reason: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def selected(self) -> int:
+        return sum(self.selected_by_reason.values())
+
+    @property
+    def recovered(self) -> int:
+        return sum(self.recovered_by_outcome.values())
+
+    @property
+    def exit_code(self) -> int:
+        """0: every selected dead letter recovered (or none selected, or a dry run);
+        1: some failed again."""
+        if self.dry_run:
+            return exits.OK
+        return exits.OK if self.recovered == self.selected else exits.INCOMPLETE
+
+    def selection(self) -> str:
+        """The first line: how many were selected, by reason."""
+        by_reason = dict(sorted(self.selected_by_reason.items()))
+        return f"{self.selected} dead letters selected" + (f": {by_reason}" if by_reason else "")
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` summary's own keys (docs/operations.md, JSON summaries)."""
+        doc: dict[str, Any] = {
+            "mode": "dry-run" if self.dry_run else "redrive",
+            "selected": self.selected,
+            "selected_by_reason": dict(sorted(self.selected_by_reason.items())),
+        }
+        if self.dry_run:
+            doc["would"] = {
+                action: sum(1 for _, p in self.predictions if p.action == action)
+                for action in (RE_INGEST, CLEAR, FAIL_AGAIN)
+            }
+            doc["dead_letters"] = [
+                {
+                    "topic": f.kafka_topic,
+                    "partition": f.kafka_partition,
+                    "offset": f.kafka_offset,
+                    "reason": f.reason,
+                    "would": p.action,
+                    "would_reason": p.reason,
+                    "detail": p.detail,
+                }
+                for f, p in self.predictions
+            ]
+        else:
+            doc["recovered"] = self.recovered
+            doc["recovered_by_outcome"] = dict(sorted(self.recovered_by_outcome.items()))
+            doc["failed_again"] = sum(self.failed_again_by_reason.values())
+            doc["failed_again_by_reason"] = dict(sorted(self.failed_again_by_reason.items()))
+        return doc
 
 
 async def redrive_one(runtime: Runtime, failure: FailureRow) -> tuple[str, str]:
@@ -84,52 +177,46 @@ async def redrive_one(runtime: Runtime, failure: FailureRow) -> tuple[str, str]:
     return FAILED_AGAIN, outcome.reason.value
 
 
+async def _select(
+    repo: Repository, where: FailureFilter, report: Report, out: TextIO
+) -> list[FailureRow]:
+    failures = await repo.list_failures(where)
+    report.selected_by_reason.update(f.reason for f in failures)
+    print(report.selection(), file=out)
+    return failures
+
+
 async def run_redrive(
     settings: Settings,
     where: FailureFilter,
     *,
-    dry_run: bool,
     concurrency: int,
     out: TextIO = sys.stdout,
-) -> int:
-    """Redrive the dead letters selected by ``where``; exit code 0 when all recovered."""
+) -> Report:
+    """Redrive the dead letters selected by ``where`` (exit code 0 when all recovered)."""
+    report = Report(dry_run=False)
     async with open_runtime(settings) as runtime:
-        failures = await runtime.repo.list_failures(where)
-        by_reason = Counter(f.reason for f in failures)
-        print(
-            f"{len(failures)} dead letters selected"
-            + (f": {dict(sorted(by_reason.items()))}" if failures else ""),
-            file=out,
-        )
-        if dry_run:
-            for failure in failures:
-                action = await predict(runtime, failure)
-                print(
-                    f"  {failure.kafka_topic}/{failure.kafka_partition}/"
-                    f"{failure.kafka_offset} [{failure.reason}] would {action}",
-                    file=out,
-                )
-            print("dry run: nothing was written", file=out)
-            return 0
+        failures = await _select(runtime.repo, where, report, out)
         slots = asyncio.Semaphore(concurrency)
-        tally: Counter[tuple[str, str]] = Counter()
         done = 0
 
         async def one(failure: FailureRow) -> None:
             nonlocal done
             async with slots:
-                tally[await redrive_one(runtime, failure)] += 1
+                kind, what = await redrive_one(runtime, failure)
+            if kind == RECOVERED:
+                report.recovered_by_outcome[what] += 1
+            else:
+                report.failed_again_by_reason[what] += 1
             done += 1
             if done % 100 == 0 or done == len(failures):
                 print(f"  {done}/{len(failures)} redriven", file=out)
 
         await asyncio.gather(*(one(f) for f in failures))
-        recovered = sum(n for (kind, _), n in tally.items() if kind == RECOVERED)
-        print(f"recovered: {recovered}", file=out)
-        for (kind, reason), n in sorted(tally.items()):
-            if kind == FAILED_AGAIN:
-                print(f"failed again: {n} {reason}", file=out)
-        return 0 if recovered == len(failures) else 1
+    print(f"recovered: {report.recovered}", file=out)
+    for reason, n in sorted(report.failed_again_by_reason.items()):
+        print(f"failed again: {n} {reason}", file=out)
+    return report
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -195,37 +282,28 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="show what would happen to each selected dead letter; write nothing (reads "
         "Postgres only: no Kafka, S3 or source is contacted)",
     )
+    add_json_option(p, "the summary (with --dry-run: each dead letter's prediction)")
     p.set_defaults(func=run_command)
 
 
-async def dry_run(settings: Settings, where: FailureFilter, out: TextIO = sys.stdout) -> int:
+async def dry_run(settings: Settings, where: FailureFilter, out: TextIO = sys.stdout) -> Report:
     """``--dry-run``: what redriving would do, from Postgres alone (no Kafka, no S3, no
     source is contacted: :func:`predict` reads the payload and the recordings table)."""
-    from types import SimpleNamespace
-
-    from fileserver.repository import Repository
-    from fileserver.runtime import make_engine
-
+    report = Report(dry_run=True)
     engine = make_engine(settings)
     repo = Repository(engine)
     try:
-        failures = await repo.list_failures(where)
-        by_reason = Counter(f.reason for f in failures)
-        print(
-            f"{len(failures)} dead letters selected"
-            + (f": {dict(sorted(by_reason.items()))}" if failures else ""),
-            file=out,
-        )
         reader: Any = SimpleNamespace(repo=repo)
-        for failure in failures:
-            action = await predict(reader, failure)
+        for failure in await _select(repo, where, report, out):
+            prediction = await predict(reader, failure)
+            report.predictions.append((failure, prediction))
             print(
                 f"  {failure.kafka_topic}/{failure.kafka_partition}/"
-                f"{failure.kafka_offset} [{failure.reason}] would {action}",
+                f"{failure.kafka_offset} [{failure.reason}] would {prediction}",
                 file=out,
             )
         print("dry run: nothing was written", file=out)
-        return 0
+        return report
     finally:
         await repo.close()
         await engine.dispose()
@@ -241,14 +319,18 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         until=parse_time(args.until, "--until") if args.until else None,
         limit=args.limit,
     )
+    output = Output(args.json)
     if args.dry_run:
-        return asyncio.run(dry_run(settings, where))
-    concurrency = settings.concurrency if args.concurrency is None else max(1, args.concurrency)
-    return asyncio.run(
-        run_redrive(
-            with_concurrency(settings, concurrency),
-            where,
-            dry_run=args.dry_run,
-            concurrency=concurrency,
+        report = asyncio.run(dry_run(settings, where, out=output.text))
+    else:
+        concurrency = settings.concurrency if args.concurrency is None else max(1, args.concurrency)
+        report = asyncio.run(
+            run_redrive(
+                with_concurrency(settings, concurrency),
+                where,
+                concurrency=concurrency,
+                out=output.text,
+            )
         )
-    )
+    output.emit("redrive", report.as_json(), report.exit_code)
+    return report.exit_code

@@ -1,22 +1,23 @@
 """`fileserver redrive` on real servers: dead letters that now succeed become rows, the
-others stay dead letters with their new reason; --dry-run writes nothing."""
+others stay dead letters with their new reason; --dry-run writes nothing; --json (with
+and without --dry-run) prints one JSON object on stdout with the same counts."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from fileserver import exits
 from fileserver.devstack.samples import SampleServer, make_mp3, talk_event
 from fileserver.devstack.stack import StackConfig, publish, start_worker
 from fileserver.redrive import run_redrive
 from fileserver.repository import FailureFilter
-from tests.helpers import count, query, stop_process, tail, wait_until
+from tests.helpers import count, query, run_cli, stop_process, tail, wait_until
 
 
 def test_redrive_recovers_what_now_succeeds(
@@ -56,13 +57,7 @@ def test_redrive_recovers_what_now_succeeds(
     hits_before = dict(srv.hits)
 
     env = dict(os.environ, **stack.env())
-    dry = subprocess.run(
-        [sys.executable, "-m", "fileserver", "redrive", "--dry-run"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    dry = run_cli(env, "redrive", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "5 dead letters selected" in dry.stdout
     assert (
@@ -73,12 +68,48 @@ def test_redrive_recovers_what_now_succeeds(
     assert count(stack.database_url, "ingest_failures") == 5
     assert count(stack.database_url, "recordings") == 0
 
-    settings = stack.settings(FILESERVER_SOURCE_RETRY_S="1")
-    out = io.StringIO()
-    only_404 = FailureFilter(reasons=("source_not_found",))
-    code = asyncio.run(run_redrive(settings, only_404, dry_run=False, concurrency=4, out=out))
-    assert code == 1, out.getvalue()  # c.mp3 is still missing
-    assert "recovered: 2" in out.getvalue()
+    # --json: the same dry run as one JSON object on stdout, the text on stderr.
+    dry = run_cli(env, "redrive", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    doc = json.loads(dry.stdout)  # the whole of stdout: one object and nothing else
+    assert "5 dead letters selected" in dry.stderr and "would re-ingest" in dry.stderr
+    would = [(d["offset"], d["reason"], d["would"], d["would_reason"]) for d in doc["dead_letters"]]
+    del doc["dead_letters"]
+    assert doc == {
+        "command": "redrive",
+        "mode": "dry-run",
+        "selected": 5,
+        "selected_by_reason": {"invalid_audio": 1, "malformed_json": 1, "source_not_found": 3},
+        "would": {"re_ingest": 4, "clear": 0, "fail_again": 1},
+        "exit_status": 0,
+        "exit_meaning": "done",
+    }
+    assert sorted(would) == [
+        (0, "source_not_found", "re_ingest", None),
+        (1, "source_not_found", "re_ingest", None),
+        (2, "source_not_found", "re_ingest", None),
+        (3, "invalid_audio", "re_ingest", None),
+        (4, "malformed_json", "fail_again", "malformed_json"),
+    ]
+    assert srv.hits == hits_before and count(stack.database_url, "ingest_failures") == 5
+
+    # The 404s, through the command with --json: two recover, c.mp3 is still missing.
+    env_1s = {**env, "FILESERVER_SOURCE_RETRY_S": "1"}
+    done = run_cli(env_1s, "redrive", "--reason", "source_not_found", "--json")
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout) == {
+        "command": "redrive",
+        "mode": "redrive",
+        "selected": 3,
+        "selected_by_reason": {"source_not_found": 3},
+        "recovered": 2,
+        "recovered_by_outcome": {"ingested": 2},
+        "failed_again": 1,
+        "failed_again_by_reason": {"source_not_found": 1},
+        "exit_status": 1,
+        "exit_meaning": exits.meaning(1),
+    }
+    assert "recovered: 2" in done.stderr and "failed again: 1 source_not_found" in done.stderr
     rows = query(
         stack.database_url, "SELECT source_url, kafka_offset FROM recordings ORDER BY kafka_offset"
     )
@@ -96,10 +127,9 @@ def test_redrive_recovers_what_now_succeeds(
     ]
 
     # Everything else: the fixed html source is now a 404, so its reason changes.
+    settings = stack.settings(FILESERVER_SOURCE_RETRY_S="1")
     out = io.StringIO()
-    code = asyncio.run(
-        run_redrive(settings, FailureFilter(), dry_run=False, concurrency=4, out=out)
-    )
+    code = asyncio.run(run_redrive(settings, FailureFilter(), concurrency=4, out=out)).exit_code
     assert code == 1
     left = query(
         stack.database_url, "SELECT kafka_offset, reason FROM ingest_failures ORDER BY kafka_offset"
@@ -110,8 +140,6 @@ def test_redrive_recovers_what_now_succeeds(
         (4, "malformed_json"),
     ]
     # Idempotent: a second full redrive changes nothing and adds no row.
-    asyncio.run(
-        run_redrive(settings, FailureFilter(), dry_run=False, concurrency=4, out=io.StringIO())
-    )
+    asyncio.run(run_redrive(settings, FailureFilter(), concurrency=4, out=io.StringIO()))
     assert count(stack.database_url, "recordings") == 2
     assert count(stack.database_url, "ingest_failures") == 3

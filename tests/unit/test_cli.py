@@ -159,9 +159,9 @@ def test_backfill_and_redrive_default_to_the_workers_concurrency(
 
     ran: list[tuple[Settings, int]] = []
 
-    async def run_redrive(settings: Settings, where: FailureFilter, **kwargs: Any) -> int:
+    async def run_redrive(settings: Settings, where: FailureFilter, **kwargs: Any) -> Any:
         ran.append((settings, kwargs["concurrency"]))
-        return 0
+        return redrive.Report(dry_run=False)
 
     monkeypatch.setattr(redrive, "run_redrive", run_redrive)
     settings = Settings(concurrency=48)

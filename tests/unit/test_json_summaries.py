@@ -7,16 +7,18 @@ import argparse
 import io
 import json
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from fileserver import exits, summary
+from fileserver import exits, redrive, summary
 from fileserver.backfill import Held, Kind, PartitionRange, Plan, Summary
 from fileserver.cli import build_parser
 from fileserver.reconcile import Report as ReconcileReport
+from fileserver.repository import FailureRow
 
-VERBS = ["backfill", "reconcile"]
+VERBS = ["backfill", "redrive", "reconcile"]
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -154,3 +156,57 @@ def test_backfill_summary_of_a_dry_run_and_of_a_finished_run() -> None:
     early = Summary(None, False, Counter(), 0.0, interrupted=True).as_json()
     assert early["topic"] is None and early["ranges"] == [] and early["resume"] is None
     assert set(early) == set(doc)
+
+
+def _failure(offset: int, reason: str) -> FailureRow:
+    return FailureRow(
+        kafka_topic="events",
+        kafka_partition=0,
+        kafka_offset=offset,
+        reason=reason,
+        detail="d",
+        source_url=None,
+        payload=b"x",
+        id=offset,
+        failed_at=datetime.now(UTC),
+    )
+
+
+def test_redrive_report() -> None:
+    run = redrive.Report(
+        dry_run=False,
+        selected_by_reason=Counter({"source_not_found": 3, "invalid_audio": 1}),
+        recovered_by_outcome=Counter({"ingested": 2}),
+        failed_again_by_reason=Counter({"source_not_found": 2}),
+    )
+    assert run.exit_code == exits.INCOMPLETE
+    assert run.as_json() == {
+        "mode": "redrive",
+        "selected": 4,
+        "selected_by_reason": {"invalid_audio": 1, "source_not_found": 3},
+        "recovered": 2,
+        "recovered_by_outcome": {"ingested": 2},
+        "failed_again": 2,
+        "failed_again_by_reason": {"source_not_found": 2},
+    }
+    dry = redrive.Report(dry_run=True, selected_by_reason=Counter({"malformed_json": 1}))
+    dry.predictions.append(
+        (_failure(4, "malformed_json"), redrive.Prediction("fail_again", "oops", "malformed_json"))
+    )
+    assert dry.exit_code == exits.OK
+    doc = dry.as_json()
+    _keys_are_snake_case(doc)
+    assert doc["would"] == {"re_ingest": 0, "clear": 0, "fail_again": 1}
+    assert doc["dead_letters"] == [
+        {
+            "topic": "events",
+            "partition": 0,
+            "offset": 4,
+            "reason": "malformed_json",
+            "would": "fail_again",
+            "would_reason": "malformed_json",
+            "detail": "oops",
+        }
+    ]
+    assert str(dry.predictions[0][1]) == "fail again: malformed_json (oops)"
+    assert redrive.Report(dry_run=False).exit_code == exits.OK, "none selected"
