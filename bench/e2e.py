@@ -16,6 +16,8 @@ with fresh topics, group, bucket and database:
   one → httpx GET → md5 → mutagen → boto3 put → ORM insert + commit → commit offset.
 * ``scale``: one vs two worker processes in one group on a 4-partition topic.
 * ``clips``: 64 one-minute clips at once (peak RSS); ``large``: one 1 GiB recording.
+* ``peers``: fileserver beside a Benthos v4.27.0 pipeline doing the same job and the
+  naive loop, each on its own 3-partition topic (:mod:`bench.peers`).
 
 Prints a table and writes a JSON file under ``bench/results/`` (gitignored).
 """
@@ -44,7 +46,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE_TS = 1569569600
-CASES = ("throughput", "naive", "scale", "clips", "large")
+CASES = ("throughput", "naive", "scale", "clips", "large", "peers")
 # Worker settings presets (``--preset``): the code defaults (the design card's httpx,
 # boto3, SQLAlchemy/psycopg); the options behind the same interfaces that the image and
 # compose.yaml set (``deployment``: aiohttp downloads, http11 S3 PUTs); and the earlier
@@ -210,26 +212,32 @@ def _db(url: str) -> Any:
     return create_engine(url, pool_size=1)
 
 
+ROWS_AND_FAILURES = (
+    "SELECT (SELECT count(*) FROM recordings) + (SELECT count(*) FROM ingest_failures)"
+)
+
+
 def wait_rows(
-    engine: Any, n: int, timeout: float, procs: Sequence[subprocess.Popen[bytes]]
+    engine: Any,
+    n: int,
+    timeout: float,
+    procs: Sequence[subprocess.Popen[bytes]],
+    *,
+    count_sql: str = ROWS_AND_FAILURES,
 ) -> None:
-    """Poll until ``recordings`` (plus failures) holds ``n`` rows."""
+    """Poll until ``count_sql`` (by default ``recordings`` plus failures) reaches ``n``;
+    fails when one of ``procs`` exits or at ``timeout``."""
     from sqlalchemy import text
 
     deadline = time.monotonic() + timeout
     while True:
         with engine.connect() as conn:
-            got = conn.execute(
-                text(
-                    "SELECT (SELECT count(*) FROM recordings)"
-                    " + (SELECT count(*) FROM ingest_failures)"
-                )
-            ).scalar_one()
+            got = conn.execute(text(count_sql)).scalar_one()
         if got >= n:
             return
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"worker exited with {p.returncode}")
+                raise RuntimeError(f"process {p.args!r} exited with {p.returncode}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out with {got}/{n} rows")
         time.sleep(0.05)
@@ -268,15 +276,20 @@ def workers(
     try:
         yield procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs)
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process, then wait up to 30 s for each (SIGKILL after)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def run_stream(
@@ -589,6 +602,11 @@ def main(argv: list[str] | None = None) -> int:
         help="partitions of their topic (default: 1 for one worker, else 2 per worker)",
     )
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the worker")
+    parser.add_argument(
+        "--benthos",
+        default="best,unbatched",
+        help="Benthos configurations of the peers case (names in bench/peers.py)",
+    )
     parser.add_argument("--label", default="", help="name of this configuration in the JSON")
     parser.add_argument("--profile", type=Path, help="run workers under cProfile, dump here")
     parser.add_argument("--workdir", type=Path, help="server data (default: a temp dir)")
@@ -684,10 +702,19 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.runs):
                 name = "latency at half max" if args.latency_rate is None else "latency"
                 record(run_stream(bench, "throughput", n, rate=half, **layout), name)
+        if "peers" in cases:
+            from bench.peers import run_peers
+
+            names = [c.strip() for c in args.benthos.split(",") if c.strip()]
+            run_peers(bench, args.events, args.runs, names, record)
         if "large" in cases:
             record(run_large(bench, args.large_mb * 1024 * 1024))
         print(f"worker preset: {args.preset} {worker_env or ''}")
         print(table(results))
+        if "peers" in cases:
+            from bench.peers import peers_summary
+
+            print(peers_summary(results))
         RESULTS.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
         out = RESULTS / f"e2e-{stamp}.json"
