@@ -14,7 +14,9 @@ with fresh topics, group, bucket and database:
   paced run at half the median maximum rate gives the latency at that load.
 * ``naive``: the sequential baseline with the same libraries, in this process: consume
   one → httpx GET → md5 → mutagen → boto3 put → ORM insert + commit → commit offset.
-* ``scale``: one vs two worker processes in one group on a 4-partition topic.
+* ``scale``: 1, 2 and 4 worker processes in one group on a 4-partition topic: events/s
+  and worker CPU per event at the maximum, then p99 publish→row (and CPU per event)
+  at half the 1-worker median maximum for each count.
 * ``clips``: 64 one-minute clips at once (peak RSS); ``large``: one 1 GiB recording.
 * ``peers``: fileserver beside a Benthos v4.27.0 pipeline doing the same job and the
   naive loop, each on its own 3-partition topic (:mod:`bench.peers`).
@@ -47,6 +49,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE_TS = 1569569600
 CASES = ("throughput", "naive", "scale", "clips", "large", "peers")
+SCALE_WORKERS = (1, 2, 4)
 # Worker settings presets (``--preset``): the code defaults (the design card's httpx,
 # boto3, SQLAlchemy/psycopg); the options behind the same interfaces that the image and
 # compose.yaml set (``deployment``: aiohttp downloads, http11 S3 PUTs); and the earlier
@@ -559,11 +562,44 @@ def table(results: dict[str, list[Run]]) -> str:
             _med([r.rate for r in results["naive"]]) or 1
         )
         lines.append(f"throughput / naive: {ratio:.1f}x")
-    if "scale 1 worker" in results and "scale 2 workers" in results:
-        ratio = (_med([r.rate for r in results["scale 2 workers"]]) or 0) / (
-            _med([r.rate for r in results["scale 1 worker"]]) or 1
+    for k in SCALE_WORKERS[1:]:
+        if "scale 1 worker" in results and _scale_name(k) in results:
+            ratio = (_med([r.rate for r in results[_scale_name(k)]]) or 0) / (
+                _med([r.rate for r in results["scale 1 worker"]]) or 1
+            )
+            lines.append(f"{k} workers / 1 worker: {ratio:.2f}x")
+    return "\n".join(lines)
+
+
+def _scale_name(workers: int, half: bool = False) -> str:
+    name = f"scale {workers} worker{'s' if workers > 1 else ''}"
+    return name + " at half" if half else name
+
+
+def scale_table(results: dict[str, list[Run]]) -> str:
+    """Scale-out as cost: per worker count, the maximum and the latency at half of the
+    1-worker maximum (medians; CPU is the workers' together, per event)."""
+    if _scale_name(1) not in results:
+        return ""
+    lines = [
+        f"{'workers':>7}{'max events/s':>14}{'cpu ms/ev':>10}{'x 1 worker':>11}"
+        f"{'offered/s':>11}{'p50 ms':>8}{'p99 ms':>8}{'cpu ms/ev':>10}   p99 each run"
+    ]
+    one = _med([r.rate for r in results[_scale_name(1)]]) or 1
+    for k in SCALE_WORKERS:
+        top = results.get(_scale_name(k), [])
+        half = results.get(_scale_name(k, half=True), [])
+        rate = _med([r.rate for r in top])
+        lines.append(
+            f"{k:>7}{_fmt(rate, ',.0f'):>14}"
+            f"{_fmt(_med([r.cpu_ms_per_event for r in top]), '.2f'):>10}"
+            f"{_fmt(rate / one if rate else None, '.2f'):>11}"
+            f"{_fmt(_med([r.offered_rate for r in half]), ',.0f'):>11}"
+            f"{_fmt(_med([r.p50_ms for r in half]), '.0f'):>8}"
+            f"{_fmt(_med([r.p99_ms for r in half]), '.0f'):>8}"
+            f"{_fmt(_med([r.cpu_ms_per_event for r in half]), '.2f'):>10}   "
+            + ", ".join(_fmt(r.p99_ms, ".0f") for r in half)
         )
-        lines.append(f"2 workers / 1 worker: {ratio:.2f}x")
     return "\n".join(lines)
 
 
@@ -689,11 +725,11 @@ def main(argv: list[str] | None = None) -> int:
             if "naive" in cases:
                 record(run_naive(bench, args.naive_events))
             if "scale" in cases:
-                record(run_stream(bench, "scale", args.events, partitions=4), "scale 1 worker")
-                record(
-                    run_stream(bench, "scale", args.events, partitions=4, workers_count=2),
-                    "scale 2 workers",
-                )
+                for k in SCALE_WORKERS:
+                    record(
+                        run_stream(bench, "scale", args.events, partitions=4, workers_count=k),
+                        _scale_name(k),
+                    )
             if "clips" in cases:
                 record(run_clips(bench))
         if "throughput" in cases:
@@ -702,6 +738,13 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.runs):
                 name = "latency at half max" if args.latency_rate is None else "latency"
                 record(run_stream(bench, "throughput", n, rate=half, **layout), name)
+        if "scale" in cases:
+            half = (_med([r.rate for r in results[_scale_name(1)]]) or 100) / 2
+            n = max(500, min(args.events, int(half * 8)))
+            for k in SCALE_WORKERS:
+                for _ in range(args.runs):
+                    run = run_stream(bench, "scale", n, partitions=4, workers_count=k, rate=half)
+                    record(run, _scale_name(k, half=True))
         if "peers" in cases:
             from bench.peers import run_peers
 
@@ -711,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
             record(run_large(bench, args.large_mb * 1024 * 1024))
         print(f"worker preset: {args.preset} {worker_env or ''}")
         print(table(results))
+        if "scale" in cases:
+            print(scale_table(results))
         if "peers" in cases:
             from bench.peers import peers_summary
 
