@@ -111,9 +111,11 @@ def _dbfs(power: float) -> float:
 
 #: Bytes decoded in one call (dr_mp3 from memory) instead of streamed in blocks: a
 #: talk burst is ~9 KB per 3 s, and the streaming decoder's Python read callbacks cost
-#: more than the decoding itself. 256 KiB decodes to at most ~12 MB of PCM (32 kbit/s
-#: stereo at 48 kHz); Janus's 16 kHz mono bursts to ~3 MB at 24 kbit/s.
-INLINE_DECODE_BYTES = 256 * 1024
+#: more than the decoding itself. The whole file is decoded before ``max_seconds`` can
+#: cut it, so the bound also bounds the memory: 64 KiB of the densest valid MP3 (32
+#: kbit/s stereo at 48 kHz) decodes to ~3 MB of PCM; Janus's 16 kHz mono at 24 kbit/s
+#: is ~22 s of audio, ~0.7 MB.
+INLINE_DECODE_BYTES = 64 * 1024
 
 
 @functools.cache
