@@ -16,6 +16,7 @@ name entry would allow them, unless listed by exact address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -134,11 +135,27 @@ def _parse_entry(raw: str) -> _Entry:
     return _Entry(host=None, network=network, port=port, exact_ip="/" not in host)
 
 
+_DECISIONS_KEPT = 4096
+
+
+@functools.lru_cache(maxsize=_DECISIONS_KEPT)
+def _ip_address(host: str) -> IPAddress | None:
+    """``host`` as an IP address, ``None`` when it is not one (kept: parsed per event)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 class SourcePolicy:
     """Decides whether a URL may be fetched; raises ``source_forbidden`` otherwise."""
 
     def __init__(self, allowed: tuple[str, ...] | list[str]) -> None:
         self._entries = [_parse_entry(item) for item in allowed]
+        # Decisions per (address, port, host): the policy never changes and a worker
+        # meets few gateways, so each is worked out once (the CIDR and metadata checks
+        # were a visible share of the worker's CPU per event). Bounded: cleared when full.
+        self._decided: dict[tuple[IPAddress, int, str | None], bool] = {}
 
     @property
     def empty(self) -> bool:
@@ -167,14 +184,9 @@ class SourcePolicy:
         port = port if port is not None else DEFAULT_PORTS[scheme]
         if port == 0:
             raise forbidden(url, "port 0 is not a valid port")
-        try:
-            address: IPAddress | None = ipaddress.ip_address(host)
-        except ValueError:
-            address = None
-            if not _HOST_NAME.fullmatch(host):
-                raise forbidden(
-                    url, "host is not an IP address nor an ASCII host name ([a-z0-9.-])"
-                ) from None
+        address = _ip_address(host)
+        if address is None and not _HOST_NAME.fullmatch(host):
+            raise forbidden(url, "host is not an IP address nor an ASCII host name ([a-z0-9.-])")
         if address is not None:
             allowed = self.check_address(address, port)
         else:
@@ -202,6 +214,15 @@ class SourcePolicy:
 
     def check_address(self, address: IPAddress, port: int, host: str | None = None) -> bool:
         """Whether ``address`` may be connected to on ``port`` (``host``: the name looked up)."""
+        key = (address, port, host)
+        decided = self._decided.get(key)
+        if decided is None:
+            if len(self._decided) >= _DECISIONS_KEPT:
+                self._decided.clear()
+            decided = self._decided[key] = self._check_address(address, port, host)
+        return decided
+
+    def _check_address(self, address: IPAddress, port: int, host: str | None) -> bool:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
         refused = always_refused(address)

@@ -301,3 +301,24 @@ def test_control_characters_anywhere_are_refused(char: str) -> None:
     for url in (f"http://gw.test/a{char}b.mp3", f"http://gw{char}.test/a.mp3"):
         with pytest.raises(PermanentError, match="control characters"):
             SourcePolicy(["gw.test"]).check(url)
+
+
+def test_kept_decisions_stay_per_port_and_name_and_bounded() -> None:
+    """Decisions are kept per (address, port, name): one allowed on one port or for one
+    name is not reused for another, and the store is cleared when full."""
+    import ipaddress
+
+    from fileserver import sources
+
+    policy = SourcePolicy(["10.0.0.0/8:8080", "gw.test", "169.254.169.254"])
+    gw = ipaddress.ip_address("10.1.2.3")
+    assert policy.check_address(gw, 8080) and not policy.check_address(gw, 8081)
+    meta = ipaddress.ip_address("169.254.169.254")
+    assert policy.check_address(meta, 80)  # listed by exact address
+    assert not policy.check_address(ipaddress.ip_address("169.254.1.1"), 80, "gw.test")
+    for i in range(sources._DECISIONS_KEPT + 10):
+        policy.check(f"http://10.0.{i // 250}.{i % 250}:8080/a.mp3")
+    assert len(policy._decided) <= sources._DECISIONS_KEPT
+    assert policy.check_address(gw, 8080) and not policy.check_address(gw, 8081)
+    with pytest.raises(PermanentError, match="not in FILESERVER_ALLOWED_SOURCES"):
+        policy.check("http://10.1.2.3:8081/a.mp3")
