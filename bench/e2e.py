@@ -643,6 +643,11 @@ def main(argv: list[str] | None = None) -> int:
         default="best,unbatched",
         help="Benthos configurations of the peers case (names in bench/peers.py)",
     )
+    parser.add_argument(
+        "--peers",
+        default="fileserver,fileserver-analysis-off,benthos,naive",
+        help="which peers the peers case runs (default: all)",
+    )
     parser.add_argument("--label", default="", help="name of this configuration in the JSON")
     parser.add_argument("--profile", type=Path, help="run workers under cProfile, dump here")
     parser.add_argument("--workdir", type=Path, help="server data (default: a temp dir)")
@@ -749,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench.peers import run_peers
 
             names = [c.strip() for c in args.benthos.split(",") if c.strip()]
-            run_peers(bench, args.events, args.runs, names, record)
+            kinds = [c.strip() for c in args.peers.split(",") if c.strip()]
+            run_peers(bench, args.events, args.runs, names, record, kinds)
         if "large" in cases:
             record(run_large(bench, args.large_mb * 1024 * 1024))
         print(f"worker preset: {args.preset} {worker_env or ''}")

@@ -43,6 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -187,39 +188,50 @@ class BenthosConfig:
     sql_max_in_flight: int = 64
     sql_batch_count: int = 0  # 0 with an empty period: unbatched (one INSERT per event)
     sql_batch_period: str = ""
+    input_batch_count: int = 0  # batches from the input: GETs in parallel, one INSERT each
+    input_batch_period: str = ""
 
     def describe(self) -> str:
-        batch = (
-            f"sql batches of {self.sql_batch_count}/{self.sql_batch_period}"
-            if self.sql_batch_count or self.sql_batch_period
-            else "unbatched"
-        )
+        batches = [
+            f"{what} batches of {count}/{period or '-'}"
+            for what, count, period in (
+                ("input", self.input_batch_count, self.input_batch_period),
+                ("sql", self.sql_batch_count, self.sql_batch_period),
+            )
+            if count or period
+        ]
         return (
             f"threads {self.threads}, checkpoint_limit {self.checkpoint_limit}, "
-            f"max_in_flight s3 {self.s3_max_in_flight} sql {self.sql_max_in_flight}, {batch}"
+            f"max_in_flight s3 {self.s3_max_in_flight} sql {self.sql_max_in_flight}, "
+            + (", ".join(batches) or "unbatched")
         )
 
 
 # Named configurations (``--benthos a,b``). "best" is the best found in the sweep
 # recorded in bench/README.md ("Peers"); "unbatched" is the same without batching.
 BENTHOS_CONFIGS: dict[str, BenthosConfig] = {
-    "best": BenthosConfig(threads=64, sql_batch_count=64, sql_batch_period="10ms"),
-    "unbatched": BenthosConfig(threads=64),
-    "t2": BenthosConfig(threads=2),
-    "t16": BenthosConfig(threads=16),
-    "t64": BenthosConfig(threads=64),
-    "t128": BenthosConfig(threads=128, s3_max_in_flight=128, sql_max_in_flight=128),
-    "t16-batched": BenthosConfig(threads=16, sql_batch_count=64, sql_batch_period="10ms"),
-    "t64-batched": BenthosConfig(threads=64, sql_batch_count=64, sql_batch_period="10ms"),
-    "t64-batched-mif16": BenthosConfig(
-        threads=64,
+    "best": BenthosConfig(threads=16, sql_batch_count=16, sql_batch_period="10ms"),
+    "unbatched": BenthosConfig(threads=16),
+    **{f"t{t}": BenthosConfig(threads=t) for t in (2, 4, 8, 16, 64)},
+    **{
+        f"t{t}-sql{c}": BenthosConfig(threads=t, sql_batch_count=c, sql_batch_period="10ms")
+        for t in (2, 4, 8, 16, 64)
+        for c in (16, 64, 128)
+    },
+    **{
+        f"t{t}-in{c}": BenthosConfig(threads=t, input_batch_count=c, input_batch_period="5ms")
+        for t in (2, 4, 16)
+        for c in (16, 64)
+    },
+    "t16-sql64-mif16": BenthosConfig(
+        threads=16,
         s3_max_in_flight=16,
         sql_max_in_flight=16,
         sql_batch_count=64,
         sql_batch_period="10ms",
     ),
-    "t64-batched-cl256": BenthosConfig(
-        threads=64, checkpoint_limit=256, sql_batch_count=64, sql_batch_period="10ms"
+    "t16-sql64-cl256": BenthosConfig(
+        threads=16, checkpoint_limit=256, sql_batch_count=64, sql_batch_period="10ms"
     ),
 }
 
@@ -253,6 +265,9 @@ def render_pipeline(stack: Any, tuning: BenthosConfig, http_port: int) -> str:
         "SQL_MAX_IN_FLIGHT": str(tuning.sql_max_in_flight),
         "SQL_BATCH_COUNT": str(tuning.sql_batch_count),
         "SQL_BATCH_PERIOD": tuning.sql_batch_period,
+        "INPUT_BATCH_COUNT": str(tuning.input_batch_count),
+        "INPUT_BATCH_PERIOD": tuning.input_batch_period,
+        "HTTP_PARALLEL": "true" if tuning.input_batch_count else "false",
     }
     text = (BENTHOS_DIR / "pipeline.yaml").read_text()
     for key, value in values.items():
@@ -389,29 +404,41 @@ def run_naive_process(bench: Bench, n: int) -> Run:
         stop_processes([proc])
 
 
+PEER_KINDS = ("fileserver", "fileserver-analysis-off", "benthos", "naive")
+
+
 def run_peers(
     bench: Bench,
     n: int,
     runs: int,
     benthos_configs: Sequence[str],
     record: Callable[[Run, str], None],
+    kinds: Sequence[str] = PEER_KINDS,
 ) -> None:
-    """The ``peers`` case: ``runs`` rounds of every peer, the order rotating per round."""
+    """The ``peers`` case: ``runs`` rounds of every peer of ``kinds`` (Benthos once per
+    configuration), the order rotating per round."""
     if unknown := [c for c in benthos_configs if c not in BENTHOS_CONFIGS]:
         raise SystemExit(f"unknown Benthos configuration(s) {unknown}; {sorted(BENTHOS_CONFIGS)}")
-    binary = ensure_benthos()
-    peers: list[tuple[str, Callable[[], Run]]] = [
-        ("peers: fileserver", lambda: run_fileserver(bench, n, "peers: fileserver")),
-        (
-            ANALYSIS_OFF,
-            lambda: run_fileserver(bench, n, ANALYSIS_OFF, FILESERVER_ANALYSIS_ENABLED="false"),
-        ),
-        *(
-            (f"peers: benthos {c}", lambda c=c: run_benthos(bench, binary, c, n))
-            for c in benthos_configs
-        ),
-        ("peers: naive", lambda: run_naive_process(bench, n)),
-    ]
+    if unknown := [k for k in kinds if k not in PEER_KINDS]:
+        raise SystemExit(f"unknown peer(s) {unknown}; choose from {PEER_KINDS}")
+    binary = ensure_benthos() if "benthos" in kinds else Path()
+    peers: list[tuple[str, Callable[[], Run]]] = []
+    if "fileserver" in kinds:
+        peers.append(("peers: fileserver", lambda: run_fileserver(bench, n, "peers: fileserver")))
+    if "fileserver-analysis-off" in kinds:
+        peers.append(
+            (
+                ANALYSIS_OFF,
+                lambda: run_fileserver(bench, n, ANALYSIS_OFF, FILESERVER_ANALYSIS_ENABLED="false"),
+            )
+        )
+    if "benthos" in kinds:
+        for config in benthos_configs:
+            peers.append(
+                (f"peers: benthos {config}", partial(run_benthos, bench, binary, config, n))
+            )
+    if "naive" in kinds:
+        peers.append(("peers: naive", lambda: run_naive_process(bench, n)))
     for round_ in range(runs):
         k = round_ % len(peers)
         for name, run in peers[k:] + peers[:k]:
