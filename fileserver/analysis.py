@@ -34,10 +34,10 @@ the VAD takes; another rate or stereo is resampled/down-mixed by the decoder):
   ``empty`` is less than ``min_speech_ms`` of speech in all, which then counts as none
   (an empty burst's speech ratio is 0, its leading and trailing silences its length).
 
-:func:`analyse` is plain CPU work, mostly the MP3 decoder and the VAD (what it costs per
-second of audio: ``python -m bench.analysis_speed``); :class:`Analyzer` runs it off the event loop, at most
-``threads`` at a time, skips files over ``max_bytes`` and never fails an event: a
-burst it cannot analyse is stored with its analysis columns ``NULL`` and logged.
+:func:`analyse` is plain CPU work, mostly the MP3 decoder and the VAD (its cost per
+second of audio: ``python -m bench.analysis_speed``); :class:`Analyzer` runs it off the
+event loop, at most ``threads`` at a time, skips files over ``max_bytes`` and never fails
+an event: a burst it cannot analyse is stored with its analysis columns ``NULL`` and logged.
 """
 
 from __future__ import annotations
