@@ -2,7 +2,7 @@
 
 ``python -m bench.components [--n 3000]``
 
-* download: :class:`~fileserver.fetch.Fetcher` on the httpx wire and on the aiohttp wire,
+* download: :class:`~fileserver.fetch.Fetcher` on the httpx, aiohttp and http11 wires,
   beside a bare ``aiohttp`` GET (the floor), against the benchmark's aiohttp source server
   in its own process;
 * upload: :class:`~fileserver.storage.ObjectStore` with boto3 (thread pool) and with the
@@ -62,7 +62,7 @@ async def downloads(base: str, n: int) -> list[tuple[str, float, float]]:
                 await resp.read()
 
         rows.append(("bare aiohttp GET (floor)", *await _measure(n, bare)))
-    for transport in ("httpx", "aiohttp"):
+    for transport in ("httpx", "aiohttp", "http11"):
         wire = make_source_wire(Settings(http_transport=transport, concurrency=CONCURRENCY))
         fetcher = Fetcher(wire, SourcePolicy(["127.0.0.1"]), max_bytes=10**8, total_timeout_s=30)
 

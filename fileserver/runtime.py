@@ -42,7 +42,7 @@ from fileserver.storage.s3_put import (
     environment_proxy,
     object_url_prefix,
 )
-from fileserver.wires import REQUEST_HEADERS, AiohttpWire, HttpxWire, Wire
+from fileserver.wires import REQUEST_HEADERS, AiohttpWire, Http11Wire, HttpxWire, Wire
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,15 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
 
 
 def make_source_wire(settings: Settings) -> Wire:
-    """The wire downloads go out on: aiohttp (the default: a fraction of httpx's CPU per
-    GET), or httpx with ``FILESERVER_HTTP_TRANSPORT=httpx`` (same checks)."""
+    """The wire downloads go out on (``FILESERVER_HTTP_TRANSPORT``): aiohttp (the
+    default: a fraction of httpx's CPU per GET), http11 (fileserver's HTTP/1.1 client on
+    llhttp) or httpx (same checks on all three)."""
+    if settings.http_transport == "http11":
+        return Http11Wire(
+            max_connections=settings.concurrency,
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=settings.read_timeout_s,
+        )
     if settings.http_transport == "aiohttp":
         return AiohttpWire(
             max_connections=settings.concurrency,

@@ -374,8 +374,8 @@ class Settings:
             out.append(
                 f"{PREFIX}MULTIPART_CHUNK_BYTES must be <= {PREFIX}MULTIPART_THRESHOLD_BYTES"
             )
-        if self.http_transport not in ("aiohttp", "httpx"):
-            out.append(f"{PREFIX}HTTP_TRANSPORT must be aiohttp (the default) or httpx")
+        if self.http_transport not in ("aiohttp", "http11", "httpx"):
+            out.append(f"{PREFIX}HTTP_TRANSPORT must be aiohttp (the default), http11 or httpx")
         if self.s3_transport not in ("http11", "aiohttp", "boto3"):
             out.append(f"{PREFIX}S3_TRANSPORT must be http11 (the default), aiohttp or boto3")
         if self.kafka_fetch_max_wait_ms > 10_000:

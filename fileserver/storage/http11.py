@@ -9,6 +9,15 @@ does only what that path needs. Scope, on purpose: one origin (scheme, host, por
 to a cap. No redirects, proxies, cookies, compression, ``Expect: 100-continue``,
 pipelining or HTTP/2.
 
+It also carries the downloads of ``FILESERVER_HTTP_TRANSPORT=http11``
+(:class:`fileserver.wires.Http11Wire`): there a response is *streamed*, on a
+:class:`StreamConnection` opened by :func:`open_stream`: the parser hands each piece of
+the body to the connection as it is parsed, the reader takes them with
+:meth:`StreamConnection.take` (reading from the socket pauses while more than
+``high_water`` bytes wait), and a read timeout bounds the silence between two reads of
+the socket (one timer per request, re-armed only when it fires early). A recording of
+1 GiB is never held whole.
+
 The bytes from the network are parsed by ``httptools`` (llhttp, the maintained parser
 behind aiohttp and uvicorn), not by this module: the hand-written parser it replaced let
 ``Content-Length: ²`` through to a ``ValueError``, the class of bug fuzzing finds.
@@ -28,12 +37,14 @@ Exceptions::
     ├── ConnectError            the connection (TCP or TLS) could not be opened
     │   └── ConnectTimeout      ... within the pool's connect timeout
     ├── RequestTimeout          no complete response within the request's timeout
+    ├── ReadTimeout             (streamed) no byte from the server within the read timeout
     └── ProtocolError           the response broke HTTP/1.1 framing or a limit
         └── ServerDisconnected  the server closed the connection before the response ended
 
 Invalid header names or values (CR, LF, ...) raise :class:`ValueError` before anything
 is sent. The parser does no I/O; whatever bytes it is fed, it returns a response or
-raises :class:`ProtocolError` (fuzzed in tests/unit/test_http11.py).
+raises :class:`ProtocolError` (fuzzed in tests/unit/test_http11.py); streamed, it hands
+over the body's pieces and then ends or raises :class:`ProtocolError` (fuzzed too).
 """
 
 from __future__ import annotations
@@ -41,8 +52,9 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import httptools
@@ -69,6 +81,10 @@ class RequestTimeout(HTTPError):
     """No complete response arrived within the request's timeout."""
 
 
+class ReadTimeout(HTTPError):
+    """A streamed response: the server sent nothing within the connection's read timeout."""
+
+
 class ProtocolError(HTTPError):
     """The response is not valid HTTP/1.1, or exceeds a size limit."""
 
@@ -90,6 +106,16 @@ class Response:
     headers: dict[str, str]
     body: bytes
     keep_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The final head of a streamed response (header names lower-case, as in
+    :class:`Response`)."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
 
 
 def origin_of(url: str) -> str:
@@ -133,7 +159,15 @@ class ResponseParser:
     refuses, and anything over a limit, is a :class:`ProtocolError`: the head (status
     line and headers, interim responses included) within ``max_head`` bytes, the
     framing (chunk lines, trailers) within ``max_head`` bytes more, the body within
-    ``max_body``.
+    ``max_body`` (``None``: no limit; the reader counts).
+
+    Streamed (``on_body`` given): each piece of the body is passed to ``on_body`` as it
+    is parsed instead of being kept (the :class:`Response` returned at the end has an
+    empty body), and :attr:`head` is the final head as soon as it is complete.
+    ``on_body`` must not raise. The framing limit then applies between two pieces of
+    the body (give or take the bytes of one :meth:`feed`), not to the whole response: a
+    1 GiB body sent in 8 KiB chunks has 1 MiB of chunk lines; endless chunk lines,
+    extensions or trailers are still refused.
     """
 
     def __init__(
@@ -141,11 +175,16 @@ class ResponseParser:
         *,
         no_body: bool = False,
         max_head: int = MAX_HEAD_BYTES,
-        max_body: int = MAX_BODY_BYTES,
+        max_body: int | None = MAX_BODY_BYTES,
+        on_body: Callable[[bytes], None] | None = None,
     ) -> None:
         self._no_body = no_body  # a HEAD request: the response has no body whatever it says
         self._max_head = max_head
         self._max_body = max_body
+        self._on_body = on_body
+        self._body_size = 0
+        self._framing_mark = 0  # streamed: the overhead when the last body piece came
+        self.head: Head | None = None  # streamed: the final head once complete
         self._parser = httptools.HttpResponseParser(self)
         # Both Content-Length and Transfer-Encoding: read as chunked (RFC 9112 6.3),
         # and the connection is not kept (below). The only leniency.
@@ -187,8 +226,14 @@ class ResponseParser:
             self._extra = True  # after the response, bytes that are not one
         if self._complete:
             return self._result()
-        overhead = self._fed - len(self._body)
-        if overhead > self._max_head * (1 if self._in_head else 2):
+        overhead = self._fed - self._body_size
+        if self._in_head:
+            limit = self._max_head
+        elif self._on_body is None:
+            limit = 2 * self._max_head
+        else:  # streamed: any size of body, so the framing between two pieces of it
+            limit = self._framing_mark + self._max_head
+        if overhead > limit:
             what = "head" if self._in_head else "framing (chunk lines, trailers)"
             self._error = ProtocolError(f"response {what} over {self._max_head} bytes")
             raise self._error
@@ -250,6 +295,9 @@ class ResponseParser:
             return  # an interim response (100 Continue, 103 ...): the real one follows
         self._in_head, self._status = False, status
         headers = self._headers
+        if self._on_body is not None:
+            self.head = Head(status, self._reason, headers)
+            self._framing_mark = self._fed
         both = "transfer-encoding" in headers and "content-length" in headers
         self._keep_alive = version == "1.1" and not both and parser.should_keep_alive()
         if self._no_body or status in (204, 304):
@@ -262,7 +310,7 @@ class ResponseParser:
             length = headers["content-length"]  # llhttp checked it: digits, one value
             if not (length.isascii() and length.isdigit()):
                 raise self._fail(f"invalid Content-Length {length[:40]!r}")
-            if int(length) > self._max_body:
+            if self._max_body is not None and int(length) > self._max_body:
                 raise self._fail(f"response body over {self._max_body} bytes")
         else:
             self._until_close = True
@@ -274,9 +322,14 @@ class ResponseParser:
         if self._complete:
             self._extra = True
             raise _Stop
-        if len(self._body) + len(body) > self._max_body:
+        self._body_size += len(body)
+        if self._max_body is not None and self._body_size > self._max_body:
             raise self._fail(f"response body over {self._max_body} bytes")
-        self._body += body
+        if self._on_body is None:
+            self._body += body
+        elif body:  # llhttp reports an empty piece when fed nothing
+            self._framing_mark = self._fed - self._body_size
+            self._on_body(body)
 
     def on_message_complete(self) -> None:
         if self._in_head or self._complete:
@@ -363,6 +416,266 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+# ---------------------------------------------------------------------- streamed responses
+
+HIGH_WATER = 256 * 1024
+
+
+class StreamConnection(asyncio.Protocol):
+    """One TCP (or TLS) connection whose responses are streamed; one request at a time.
+
+    :meth:`send` writes a request; :meth:`response_head` waits for the final head;
+    :meth:`take` returns the body bytes parsed so far and :meth:`readable` waits for more
+    (or the end, or raises the error). While more than ``high_water`` bytes wait to be
+    taken, reading from the socket is paused; it resumes when they are taken.
+
+    The read timeout bounds the server's silence (before the head too), never the
+    reader's: one timer per request, armed at :meth:`send`; when it fires it compares
+    the time of the last read with the timeout and re-arms itself for the rest (paused,
+    it waits a whole timeout more), so reading costs one clock read, not a timer.
+    An error (timeout, :class:`ProtocolError`, :class:`ServerDisconnected`) closes the
+    connection. :meth:`reusable` says whether the next request may use it: the response
+    was read from the network exactly to its end and said keep-alive (bytes parsed but
+    not taken do not matter: :meth:`reset` drops them).
+    """
+
+    def __init__(self, read_timeout_s: float, *, high_water: int = HIGH_WATER) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._read_timeout = read_timeout_s
+        self._high_water = high_water
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.head: Head | None = None
+        self.complete = False  # the response was read to its end
+        self._keep_alive = False
+        self._parser: ResponseParser | None = None  # while a response is being read
+        self._pending: list[bytes] = []
+        self._queued = 0
+        self._paused = False
+        self._error: HTTPError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    # -- the reader's side
+
+    def send(self, data: bytes) -> None:
+        """Write one request (a GET: its response has a body unless 204 or 304)."""
+        assert self.transport is not None and self._parser is None
+        self._parser = ResponseParser(max_body=None, on_body=self._on_body)
+        self._last_read = now = self._loop.time()
+        self._timer = self._loop.call_at(now + self._read_timeout, self._on_timer)
+        self.transport.write(data)
+
+    async def response_head(self) -> Head:
+        """The final head (interim 1xx responses skipped); raises :class:`HTTPError`."""
+        while self.head is None:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        return self.head
+
+    def take(self) -> bytes:
+        """The body bytes parsed and not yet taken (``b""``: none now)."""
+        pending = self._pending
+        if not pending:
+            return b""
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self._queued = 0
+        if self._paused:
+            self._paused = False
+            self._last_read = self._loop.time()  # the server's silence counts from now
+            assert self.transport is not None
+            self.transport.resume_reading()
+        return data
+
+    async def readable(self) -> None:
+        """Wait until bytes can be taken or the response is complete; raises its error."""
+        while not self._pending and not self.complete:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    def reusable(self) -> bool:
+        """Whether the next request may go on this connection."""
+        transport = self.transport
+        return (
+            self.complete
+            and self._keep_alive
+            and self._error is None
+            and not self.closed
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0  # request fully sent
+        )
+
+    def reset(self) -> None:
+        """Forget the last response (:meth:`reusable` was true) for the next request."""
+        self.head, self.complete, self._keep_alive = None, False, False
+        self._pending.clear()
+        self._queued = 0
+
+    def close(self) -> None:
+        self.closed = True
+        self._parser = None
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the network's side
+
+    def _on_body(self, body: bytes) -> None:
+        self._pending.append(body)
+        self._queued += len(body)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            self.close()  # bytes after the response, or on an idle connection
+            return
+        self._last_read = self._loop.time()
+        try:
+            response = parser.feed(data)
+        except Exception as exc:  # a ProtocolError; anything else is a bug, said as such
+            if not isinstance(exc, ProtocolError):
+                exc = ProtocolError(f"response parser failed: {type(exc).__name__}: {exc}")
+            self._fail(exc)
+            return
+        if self.head is None:
+            self.head = parser.head
+        if response is not None:
+            self._done(response.keep_alive)
+        elif self._queued > self._high_water and not self._paused:
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        if self.head is not None:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        parser = self._parser
+        if parser is None:
+            self._cancel_timer()
+            return
+        if exc is not None:  # a reset is not the end of a body delimited by the close
+            before = not parser.received_any
+            self._fail(ServerDisconnected(f"connection lost: {exc}", before_response=before))
+            return
+        try:
+            parser.feed_eof()
+        except ProtocolError as error:
+            self._fail(error)
+            return
+        if self.head is None:
+            self.head = parser.head
+        self._done(False)
+        self._wake()
+
+    def _done(self, keep_alive: bool) -> None:
+        self._parser = None
+        self.complete, self._keep_alive = True, keep_alive
+        self._cancel_timer()
+
+    def _fail(self, error: HTTPError) -> None:
+        self._error = error
+        self._parser = None
+        self.close()
+        self._wake()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._parser is None:
+            return
+        now = self._loop.time()
+        if self._paused:
+            deadline = now + self._read_timeout  # the reader is slow, not the server
+        else:
+            deadline = self._last_read + self._read_timeout
+            if deadline <= now:
+                what = "response head" if self.head is None else "response body"
+                self._fail(ReadTimeout(f"no data for {self._read_timeout:g} s (in the {what})"))
+                return
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+
+async def open_stream(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+    connect_timeout_s: float,
+    read_timeout_s: float,
+) -> StreamConnection:
+    """A new :class:`StreamConnection` to ``host`` (a name or an IP address, no brackets)
+    and ``port``; TLS with ``ssl_context``, verifying and sending as SNI
+    ``server_hostname`` (``None``: ``host``; an IP address is verified, not sent).
+    Raises :class:`ConnectTimeout` or :class:`ConnectError`."""
+    return await _connect(
+        lambda: StreamConnection(read_timeout_s),
+        host,
+        port,
+        ssl_context=ssl_context,
+        server_hostname=server_hostname if ssl_context is not None else None,
+        timeout_s=connect_timeout_s,
+        where=f"{host} port {port}",
+    )
+
+
+_P = TypeVar("_P", bound=asyncio.Protocol)
+
+
+async def _connect(
+    factory: Callable[[], _P],
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+    timeout_s: float,
+    where: str,
+) -> _P:
+    """A connection made by ``factory``; :class:`ConnectTimeout` or :class:`ConnectError`
+    naming ``where``."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s):
+            _transport, conn = await loop.create_connection(
+                factory, host, port, ssl=ssl_context, server_hostname=server_hostname
+            )
+    except TimeoutError:
+        raise ConnectTimeout(f"connecting to {where} timed out after {timeout_s:g} s") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectError(f"cannot connect to {where}: {exc}") from None
+    return conn
+
+
 # -------------------------------------------------------------------------------- pool
 
 
@@ -436,22 +749,15 @@ class Pool:
     async def _connect(self) -> _Connection:
         if self._closed:
             raise ConnectError("the pool is closed")
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                _transport, conn = await loop.create_connection(
-                    _Connection,
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl else None,
-                )
-        except TimeoutError:
-            raise ConnectTimeout(
-                f"connecting to {self.origin} timed out after {self._connect_timeout:g} s"
-            ) from None
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectError(f"cannot connect to {self.origin}: {exc}") from None
+        conn = await _connect(
+            _Connection,
+            self._host,
+            self._port,
+            ssl_context=self._ssl,
+            server_hostname=self._host if self._ssl else None,
+            timeout_s=self._connect_timeout,
+            where=self.origin,
+        )
         self._open.add(conn)
         return conn
 

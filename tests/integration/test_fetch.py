@@ -20,16 +20,26 @@ from fileserver.metrics import Metrics
 from fileserver.runtime import make_http_client, make_source_wire
 from fileserver.settings import Settings
 from fileserver.sources import SourcePolicy
+from fileserver.wires import Wire
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_http_client(Settings(concurrency=4, read_timeout_s=2)) as client:
-        yield client
+@pytest.fixture(params=["httpx", "aiohttp", "http11"])
+async def http(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient | Wire]:
+    """Each wire: the httpx client as the Fetcher takes it, the others as wires."""
+    settings = Settings(concurrency=4, read_timeout_s=2, http_transport=request.param)
+    if request.param == "httpx":
+        async with make_http_client(settings) as client:
+            yield client
+        return
+    wire = make_source_wire(settings)
+    try:
+        yield wire
+    finally:
+        await wire.aclose()
 
 
 def fetcher(
-    http: httpx.AsyncClient,
+    http: httpx.AsyncClient | Wire,
     tmp_path: Path,
     max_bytes: int = 1_000_000,
     in_memory_max_bytes: int = 64 * 1024,
@@ -84,7 +94,7 @@ def _chunked(kib: int):  # type: ignore[no-untyped-def]
 
 
 async def test_download_streams_to_a_temp_file_and_removes_it(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer
 ) -> None:
     data = b"x" * 200_000
     sample_server.files["/a.mp3"] = data
@@ -100,7 +110,7 @@ async def test_download_streams_to_a_temp_file_and_removes_it(
 
 @pytest.mark.parametrize("size", [0, 1, 64 * 1024])
 async def test_a_recording_up_to_the_in_memory_limit_never_touches_the_disk(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer, size: int
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer, size: int
 ) -> None:
     data = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
     sample_server.files["/a.mp3"] = data
@@ -111,7 +121,7 @@ async def test_a_recording_up_to_the_in_memory_limit_never_touches_the_disk(
 
 
 async def test_a_recording_just_above_the_limit_is_spooled_whole_to_a_file(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer
 ) -> None:
     data = bytes(range(256)) * 256 + b"!"  # 64 KiB + 1
     sample_server.files["/a.mp3"] = data
@@ -122,7 +132,7 @@ async def test_a_recording_just_above_the_limit_is_spooled_whole_to_a_file(
 
 
 async def test_downloads_in_flight_together_stay_within_the_memory_budget(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer
 ) -> None:
     """Room for one recording in memory: the second one open at the same time goes to a
     file, whole and intact; the budget is given back when each download ends."""
@@ -145,7 +155,7 @@ async def test_downloads_in_flight_together_stay_within_the_memory_budget(
 
 
 async def test_the_memory_gauge_follows_the_budget_and_budget_spills_are_counted(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer
 ) -> None:
     """The gauge reads the bytes held by downloads open right now; only a download the
     spent budget sends to a file is counted, not one larger than the in-memory limit."""
@@ -174,7 +184,7 @@ async def test_the_memory_gauge_follows_the_budget_and_budget_spills_are_counted
 
 
 async def test_the_memory_gauge_is_back_to_zero_after_a_failed_download(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer
 ) -> None:
     sample_server.hooks.append(_chunked(30))  # no Content-Length: read, then refused
     m = Metrics(process=False)
@@ -186,7 +196,7 @@ async def test_the_memory_gauge_is_back_to_zero_after_a_failed_download(
 
 
 async def test_a_download_failing_midway_gives_back_its_memory_budget(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer
 ) -> None:
     sample_server.hooks.append(_chunked(30))  # no Content-Length: read, then refused
     f = fetcher(http, tmp_path, max_bytes=20_000)
@@ -208,7 +218,7 @@ async def test_a_download_failing_midway_gives_back_its_memory_budget(
     ],
 )
 async def test_status_codes(
-    http: httpx.AsyncClient,
+    http: httpx.AsyncClient | Wire,
     tmp_path: Path,
     sample_server: SampleServer,
     code: int,
@@ -227,7 +237,7 @@ async def test_status_codes(
 
 
 async def test_too_large_by_content_length_and_by_bytes(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer
 ) -> None:
     sample_server.files["/big.mp3"] = b"y" * 5000
     with pytest.raises(PermanentError) as info:
@@ -244,7 +254,7 @@ async def test_too_large_by_content_length_and_by_bytes(
 
 
 async def test_redirects_are_rechecked(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer
 ) -> None:
     sample_server.files["/real.mp3"] = b"audio"
 
@@ -268,7 +278,7 @@ async def test_redirects_are_rechecked(
 
 
 async def test_slow_server_is_bounded_by_the_total_timeout(
-    http: httpx.AsyncClient, tmp_path: Path, sample_server: SampleServer
+    http: httpx.AsyncClient | Wire, tmp_path: Path, sample_server: SampleServer
 ) -> None:
     def drip(req: BaseHTTPRequestHandler) -> bool:
         req.send_response(200)
@@ -286,7 +296,9 @@ async def test_slow_server_is_bounded_by_the_total_timeout(
             pass
 
 
-async def test_connection_refused_is_retryable(http: httpx.AsyncClient, tmp_path: Path) -> None:
+async def test_connection_refused_is_retryable(
+    http: httpx.AsyncClient | Wire, tmp_path: Path
+) -> None:
     from fileserver.devstack.servers import free_port
 
     with pytest.raises(SourceUnavailable):
@@ -294,7 +306,7 @@ async def test_connection_refused_is_retryable(http: httpx.AsyncClient, tmp_path
             pass
 
 
-@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp", "http11"])
 async def test_downloads_from_one_source_stay_within_its_limit(
     tmp_path: Path, sample_server: SampleServer, transport: str
 ) -> None:

@@ -1,6 +1,6 @@
 """Issue 6: what a hostile recording source (or a hostile record) can make the fetcher do.
 
-Every test runs on both wires (``FILESERVER_HTTP_TRANSPORT``: httpx and aiohttp). Real
+Every test runs on every wire (``FILESERVER_HTTP_TRANSPORT``: httpx, aiohttp, http11). Real
 servers listen on 127.0.0.1 and count every connection. Names (``gw.test``,
 ``evil.test``, ...) are answered by an injected resolver: nothing else can resolve
 ``*.test``, so a download that succeeds proves the request went to the address that was
@@ -29,7 +29,7 @@ from fileserver.resolve import static_resolver, system_resolver
 from fileserver.runtime import make_http_client
 from fileserver.settings import Settings
 from fileserver.sources import IPAddress, SourcePolicy
-from fileserver.wires import AiohttpWire, HttpxWire, Wire
+from fileserver.wires import AiohttpWire, Http11Wire, HttpxWire, Wire, WireResponse
 
 MAX_BYTES = 100_000
 
@@ -210,6 +210,26 @@ def endless_chunked_tail(conn: socket.socket) -> None:
         conn.sendall(b"4000\r\n" + b"z" * 0x4000 + b"\r\n")
 
 
+def endless_one_byte_chunks(conn: socket.socket) -> None:
+    conn.sendall(_head("200 OK", [("Transfer-Encoding", "chunked")]))
+    while True:  # five bytes of framing for each byte of body
+        conn.sendall(b"1\r\nz\r\n" * 1000)
+
+
+def endless(first: bytes, then: bytes) -> Behaviour:
+    """``first``, then ``then`` again and again until the client hangs up."""
+
+    def behaviour(conn: socket.socket) -> None:
+        conn.sendall(first)
+        while True:
+            conn.sendall(then)
+
+    return behaviour
+
+
+CHUNKED_HEAD = _head("200 OK", [("Transfer-Encoding", "chunked")])
+
+
 def drip(conn: socket.socket) -> None:
     conn.sendall(_head("200 OK", [("Content-Length", "50000")]))
     while True:  # one byte every 50 ms: never idle long enough for the read timeout
@@ -248,10 +268,29 @@ class Sent:
     urls: list[str] = field(default_factory=list)
 
 
-@pytest.fixture(params=["httpx", "aiohttp"])
+class RecordingHttp11Wire(Http11Wire):
+    """The http11 wire, recording each URL before anything is sent (as the hooks do)."""
+
+    def __init__(self, sent: Sent) -> None:
+        super().__init__(max_connections=4, connect_timeout_s=2, read_timeout_s=2)
+        self.sent = sent
+
+    async def get(self, url: str, *, host_header: str, sni_hostname: str | None) -> WireResponse:
+        self.sent.urls.append(url)
+        return await super().get(url, host_header=host_header, sni_hostname=sni_hostname)
+
+
+@pytest.fixture(params=["httpx", "aiohttp", "http11"])
 async def client(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Wire, Sent]]:
     sent = Sent()
     settings = Settings(concurrency=4, connect_timeout_s=2, read_timeout_s=2)
+    if request.param == "http11":
+        recording = RecordingHttp11Wire(sent)
+        try:
+            yield recording, sent
+        finally:
+            await recording.aclose()
+        return
     if request.param == "httpx":
 
         async def on_request(req: httpx.Request) -> None:
@@ -567,14 +606,16 @@ async def test_redirect_loop_stops_after_a_few_hops(
         pytest.param(endless_until_close, id="endless-no-length"),
         pytest.param(SMALL_LENGTH_THEN_CHUNKED, id="small-length-then-endless-chunked"),
         pytest.param(lying_length(10**15, "endless"), id="huge-length"),
+        pytest.param(endless_one_byte_chunks, id="endless-one-byte-chunks"),
     ],
 )
 async def test_endless_or_oversized_bodies_are_too_large(
     client: Client, server: HostileServer, tmp_path: Path, behaviour: Behaviour
 ) -> None:
-    """aiohttp refuses Transfer-Encoding next to Content-Length outright (h11 reads that
-    body as chunked, so httpx ends with ``too_large``): retryable ``source_unavailable``
-    there instead. Either way nothing is kept."""
+    """aiohttp refuses Transfer-Encoding next to Content-Length outright (h11 and llhttp
+    through http11 read that body as chunked, so httpx and http11 end with
+    ``too_large``): retryable ``source_unavailable`` there instead. Either way nothing is
+    kept."""
     http, _sent = client
     server.routes["/a.mp3"] = behaviour
     fetcher = make_fetcher(http, ["gw.test"], tmp_path)
@@ -606,6 +647,41 @@ async def test_protocol_violations_are_retryable_and_leave_nothing(
     fetcher = make_fetcher(http, ["gw.test"], tmp_path)
     with pytest.raises(SourceUnavailable, match=why):
         await fetch(fetcher, f"http://gw.test:{server.port}/a.mp3")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        pytest.param(endless(b"HTTP/1.1 200 OK\r\n", b"X-A: " + b"a" * 100 + b"\r\n"), id="head"),
+        pytest.param(endless(b"HTTP/1.1 200 OK\r\nX-A: ", b"a" * 4096), id="header-line"),
+        pytest.param(endless(b"HTTP/1.1 200 ", b"a" * 4096), id="status-line"),
+        pytest.param(endless(b"", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"), id="1xx"),
+        pytest.param(endless(CHUNKED_HEAD + b"4;a=", b"b" * 4096), id="chunk-extension"),
+        pytest.param(endless(CHUNKED_HEAD, b"0" * 4096), id="chunk-size-zeros"),
+        pytest.param(
+            endless(CHUNKED_HEAD + b"1\r\nz\r\n0\r\n", b"X-T: " + b"t" * 100 + b"\r\n"),
+            id="trailers",
+        ),
+    ],
+)
+async def test_endless_heads_and_framing_are_retryable_and_leave_nothing(
+    client: Client, server: HostileServer, tmp_path: Path, behaviour: Behaviour
+) -> None:
+    """A head, a chunk line or trailers that never end: ``source_unavailable``. http11
+    refuses each after 64 KiB (``RemoteProtocolError``: head, or framing between two
+    pieces of the body, over 65536 bytes); httpx (h11) after 100 KB except an endless
+    series of 1xx responses, which it reads until the total timeout; aiohttp after
+    8190 bytes of one line or too many headers, but it reads endless 1xx responses, an
+    endless chunk extension and an endless chunk size of zeros until the total timeout
+    (bounded in time, not refused)."""
+    http, _sent = client
+    server.routes["/a.mp3"] = behaviour
+    fetcher = make_fetcher(http, ["gw.test"], tmp_path, total_timeout_s=1)
+    with pytest.raises(SourceUnavailable) as info:
+        await fetch(fetcher, f"http://gw.test:{server.port}/a.mp3")
+    if isinstance(http, Http11Wire):
+        assert "RemoteProtocolError" in str(info.value) and "over 65536 bytes" in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -668,9 +744,10 @@ async def test_sources_cannot_plant_cookies_in_the_shared_client(
     assert [r.cookie for r in server.requests] == [None, None]
     if isinstance(http, HttpxWire):
         assert len(http.client.cookies.jar) == 0
-    else:
-        assert isinstance(http, AiohttpWire) and http.session is not None
+    elif isinstance(http, AiohttpWire):
+        assert http.session is not None
         assert len(http.session.cookie_jar) == 0
+    # the http11 wire has no cookie jar: the requests above are the whole check
 
 
 # --- TLS: SNI and certificate verification use the original name --------------------------
@@ -688,18 +765,22 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileServ
     srv.stop()
 
 
-@pytest.mark.parametrize("wire", ["httpx", "aiohttp"])
+def tls_wire(wire: str, verify: ssl.SSLContext | bool) -> Wire:
+    if wire == "httpx":
+        return HttpxWire(httpx.AsyncClient(verify=verify, trust_env=False))
+    if wire == "aiohttp":
+        return AiohttpWire(max_connections=4, connect_timeout_s=2, read_timeout_s=2, verify=verify)
+    return Http11Wire(max_connections=4, connect_timeout_s=2, read_timeout_s=2, verify=verify)
+
+
+@pytest.mark.parametrize("wire", ["httpx", "aiohttp", "http11"])
 async def test_https_is_pinned_and_verified_against_the_original_name(
     tls_server: HostileServer, tmp_path: Path, wire: str
 ) -> None:
     tls_server.routes["/a.mp3"] = respond(200, b"secure audio")
     resolver = Resolver({"gw.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
     verify = ssl.create_default_context(cadata=CA_PEM)
-    http: Wire = (
-        HttpxWire(httpx.AsyncClient(verify=verify, trust_env=False))
-        if wire == "httpx"
-        else AiohttpWire(max_connections=4, connect_timeout_s=2, read_timeout_s=2, verify=verify)
-    )
+    http = tls_wire(wire, verify)
     try:
         fetcher = make_fetcher(http, ["gw.test", "other.test", "127.0.0.1"], tmp_path, resolver)
         url = f"https://gw.test:{tls_server.port}/a.mp3"

@@ -1,6 +1,7 @@
 """fileserver.storage.http11's response parser (llhttp, through httptools) and request
 encoder, without I/O: examples of each framing and rule, then hypothesis properties
-over arbitrary and near-valid responses fed whole and in random splits."""
+over arbitrary and near-valid responses fed whole and in random splits, read whole and
+streamed (the body handed over piece by piece, as the download wire reads it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fileserver.storage.http11 import (
+    Head,
     Pool,
     ProtocolError,
     Response,
@@ -230,15 +232,28 @@ FUZZ = settings(
 Outcome = tuple[int, str, dict[str, str], bytes] | str
 
 
-def outcome(raw: bytes, cuts: list[int], *, eof: bool = True, **kw: object) -> Outcome:
+def outcome(
+    raw: bytes, cuts: list[int], *, eof: bool = True, stream: bool = False, **kw: object
+) -> Outcome:
     """Feed ``raw`` cut at ``cuts`` (then EOF): the response's fields, or "error".
 
-    Anything raised but :class:`ProtocolError` fails the property."""
+    ``stream``: the body is streamed (its pieces handed over, then the end): no piece
+    before the final head, the head does not change once known, the response returned
+    at the end has no body of its own. Anything raised but :class:`ProtocolError`
+    fails the property."""
+    pieces: list[bytes] = []
+    if stream:
+        kw = {"max_body": None, **kw, "on_body": pieces.append}
     parser = ResponseParser(**kw)  # type: ignore[arg-type]
     bounds = [0, *sorted({c % (len(raw) + 1) for c in cuts}), len(raw)]
+    head: Head | None = None
     try:
         for start, end in itertools.pairwise(bounds):
             response = parser.feed(raw[start:end])
+            if stream:
+                assert parser.head is not None or not (pieces or response)
+                assert head is None or parser.head is head
+                head = parser.head
             if response is not None:
                 break
         else:
@@ -251,7 +266,44 @@ def outcome(raw: bytes, cuts: list[int], *, eof: bool = True, **kw: object) -> O
     assert isinstance(response, Response)
     assert 200 <= response.status <= 999 and isinstance(response.keep_alive, bool)
     assert all(name == name.lower() for name in response.headers)
+    if stream:
+        assert response.body == b"" and all(pieces) and parser.head is not None
+        assert parser.head == Head(response.status, response.reason, response.headers)
+        return response.status, response.reason, response.headers, b"".join(pieces)
     return response.status, response.reason, response.headers, response.body
+
+
+def streamed(raw: bytes, cuts: list[int], **kw: object) -> Outcome:
+    """:func:`outcome` with the body streamed."""
+    return outcome(raw, cuts, stream=True, **kw)  # type: ignore[arg-type]
+
+
+def test_a_streamed_body_is_handed_over_as_it_is_parsed() -> None:
+    pieces: list[bytes] = []
+    parser = ResponseParser(max_body=None, on_body=pieces.append)
+    assert parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n") is None
+    assert parser.head == Head(200, "OK", {"transfer-encoding": "chunked"}) and pieces == []
+    assert parser.feed(b"3\r\nabc\r\n2\r\nde") is None
+    assert pieces == [b"abc", b"de"]
+    response = parser.feed(b"\r\n0\r\n\r\n")
+    assert response is not None and response.body == b"" and response.keep_alive
+
+
+def test_streamed_framing_is_limited_between_pieces_of_the_body() -> None:
+    """Whole, a response's framing is limited in total; streamed, a body of any size may
+    come in many chunks, and only framing without body between them is refused."""
+    many = b"".join(b"1\r\nz\r\n" for _ in range(400))  # 2,000 bytes of chunk lines
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + many + b"0\r\n\r\n"
+    with pytest.raises(ProtocolError, match="framing"):
+        feed_all(raw, max_head=1000, step=100)
+    assert streamed(raw, list(range(0, len(raw), 100)), max_head=1000) == (
+        200,
+        "OK",
+        {"transfer-encoding": "chunked"},
+        b"z" * 400,
+    )
+    endless = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n4;x=" + b"y" * 3000
+    assert streamed(endless, list(range(0, len(endless), 100)), max_head=1000) == "error"
 
 
 cuts = st.lists(st.integers(min_value=0, max_value=10_000), max_size=8)
@@ -264,6 +316,7 @@ cuts = st.lists(st.integers(min_value=0, max_value=10_000), max_size=8)
 def test_arbitrary_bytes_are_a_response_or_a_protocol_error(raw: bytes, cuts: list[int]) -> None:
     whole = outcome(raw, [])
     assert outcome(raw, cuts) == whole
+    assert streamed(raw, cuts) == whole
     assert outcome(raw, cuts, no_body=True) == outcome(raw, [], no_body=True)
 
 
@@ -336,6 +389,8 @@ def test_near_valid_responses_are_a_response_or_a_protocol_error(
     whole = outcome(raw, [])
     assert outcome(raw, cuts) == whole
     assert outcome(raw, cuts, max_head=64, max_body=8) in ("error", whole)
+    assert streamed(raw, cuts) == whole
+    assert streamed(raw, cuts, max_head=64) in ("error", whole)
 
 
 header_name = st.text("abcdefghijklmnopqrstuvwxyz-0123456789", min_size=1, max_size=12).filter(
@@ -380,8 +435,9 @@ def test_valid_responses_parse_to_what_was_sent(
     raw = f"HTTP/1.1 {status} {reason}\r\n".encode()
     raw += b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in head.items())
     raw += b"\r\n" + wire
-    got = outcome(raw, cuts, eof=framing == "close" and status not in (204, 304))
-    assert got == (status, reason, head, body)
+    eof = framing == "close" and status not in (204, 304)
+    assert outcome(raw, cuts, eof=eof) == (status, reason, head, body)
+    assert streamed(raw, cuts, eof=eof) == (status, reason, head, body)
 
 
 # ---------------------------------------------------------------------- requests

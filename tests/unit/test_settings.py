@@ -44,7 +44,9 @@ def test_the_transport_defaults_are_the_fast_paths_and_the_others_stay_settings(
     assert Settings.from_env({"FILESERVER_S3_TRANSPORT": "aiohttp"}).s3_transport == "aiohttp"
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"FILESERVER_HTTP_TRANSPORT": "curl", "FILESERVER_S3_TRANSPORT": "h2"})
-    assert "FILESERVER_HTTP_TRANSPORT must be aiohttp (the default) or httpx" in str(info.value)
+    assert "FILESERVER_HTTP_TRANSPORT must be aiohttp (the default), http11 or httpx" in str(
+        info.value
+    )
     assert "FILESERVER_S3_TRANSPORT must be http11 (the default), aiohttp or boto3" in str(
         info.value
     )
