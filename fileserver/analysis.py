@@ -109,15 +109,6 @@ def _dbfs(power: float) -> float:
     return max(FLOOR_DBFS, round(10.0 * math.log10(power), 2))
 
 
-#: Bytes decoded in one call (dr_mp3 from memory) instead of streamed in blocks: a
-#: talk burst is ~9 KB per 3 s, and the streaming decoder's Python read callbacks cost
-#: more than the decoding itself. The whole file is decoded before ``max_seconds`` can
-#: cut it, so the bound also bounds the memory: 64 KiB of the densest valid MP3 (32
-#: kbit/s stereo at 48 kHz) decodes to ~3 MB of PCM; Janus's 16 kHz mono at 24 kbit/s
-#: is ~22 s of audio, ~0.7 MB.
-INLINE_DECODE_BYTES = 64 * 1024
-
-
 @functools.cache
 def _source_type() -> type:
     """miniaudio's stream source over a file object (built once: a class statement per
@@ -146,16 +137,12 @@ def _blocks(content: bytes | Path) -> Iterator[Any]:
     header in front of a real MP3 (which the probe skips as junk and accepts) was decoded
     as 1 Hz PCM up to the duration limit, and a speech burst stored as ``empty``.
 
-    A small burst already in memory is decoded in one call by dr_mp3 (MP3 only, its own
-    rate and channels); when that is not 16 kHz mono it is decoded again through the
-    converting stream, so the samples are the same either way (tested)."""
+    Always streamed, small bursts too: a one-call decode (``mp3_read_s16``) saved ~0.1 ms
+    per 3 s burst but took the first frame's format for the whole file (a file that
+    switches format mid-way measured differently) and decoded all of a hostile 64 KiB
+    (free-format frames: 180 s of PCM) before ``max_seconds`` could cut it."""
     import miniaudio
 
-    if isinstance(content, bytes) and len(content) <= INLINE_DECODE_BYTES:
-        decoded = miniaudio.mp3_read_s16(content)
-        if decoded.sample_rate == SAMPLE_RATE and decoded.nchannels == 1:
-            yield decoded.samples
-            return
     raw: IO[bytes] = content.open("rb") if isinstance(content, Path) else io.BytesIO(content)
     try:  # a decoding error is raised when iterated
         yield from miniaudio.stream_any(
@@ -170,8 +157,15 @@ def _blocks(content: bytes | Path) -> Iterator[Any]:
         raw.close()
 
 
-def analyse(content: bytes | Path, config: AnalysisConfig | None = None) -> Analysis:
-    """Decode one recording and measure it (CPU only; see the module's docstring)."""
+def analyse(
+    content: bytes | Path, config: AnalysisConfig | None = None, *, expected_ms: int | None = None
+) -> Analysis:
+    """Decode one recording and measure it (CPU only; see the module's docstring).
+
+    ``expected_ms``: the duration the probe read. A decoder that stops at less than half
+    of it (and over a second short) raises :class:`AnalysisError` instead of measuring
+    the part it saw: dr_mp3 believes an Info/Xing frame count, so audio appended after
+    a counted file went unheard and a burst with speech was stored ``empty``."""
     import miniaudio
     import numpy as np
     import webrtcvad
@@ -194,8 +188,11 @@ def analyse(content: bytes | Path, config: AnalysisConfig | None = None) -> Anal
             total += len(x)
             if len(x):  # in int16/int64: exact, and no float copies of the block
                 peak = max(peak, int(x.max()), -int(x.min()))
-                clipped += int(np.count_nonzero(x >= clip_level))
-                clipped += int(np.count_nonzero(x <= -clip_level))
+                if clip_level <= 0:  # a level under one LSB: every sample is "at or above"
+                    clipped += len(x)
+                else:
+                    clipped += int(np.count_nonzero(x >= clip_level))
+                    clipped += int(np.count_nonzero(x <= -clip_level))
             new = len(x)
             x = np.concatenate((carry, x)) if len(carry) else x
             wide = x.astype(np.int64)  # int16 squares overflow; integer dot uses no BLAS
@@ -216,6 +213,13 @@ def analyse(content: bytes | Path, config: AnalysisConfig | None = None) -> Anal
     if total == 0:
         raise AnalysisError("no audio decoded")
     decoded_ms = total * 1000 // SAMPLE_RATE
+    if expected_ms is not None and total < max_samples:
+        expected = min(expected_ms, int(cfg.max_seconds * 1000))
+        if decoded_ms * 2 < expected and expected - decoded_ms > 1000:
+            raise AnalysisError(
+                f"the decoder stopped at {decoded_ms} ms of the {expected_ms} ms the probe "
+                "read (an Info/Xing frame count shorter than the audio?)"
+            )
     power = np.concatenate(levels) if levels else np.zeros(0)
     speech = np.zeros(len(power), dtype=bool)
     if len(power):
@@ -303,8 +307,11 @@ class Analyzer:
             threads=s.analysis_threads,
         )
 
-    async def run(self, content: bytes | Path, size: int, what: str) -> Outcome:
-        """Analyse one downloaded recording (``what`` names it in messages)."""
+    async def run(
+        self, content: bytes | Path, size: int, what: str, *, expected_ms: int | None = None
+    ) -> Outcome:
+        """Analyse one downloaded recording (``what`` names it in messages; ``expected_ms``
+        is the probe's duration, see :func:`analyse`)."""
         if not self.enabled:
             return Outcome("disabled")
         if size > self.max_bytes:
@@ -319,7 +326,7 @@ class Analyzer:
             self._slots = asyncio.Semaphore(self.threads)
         async with self._slots:
             try:
-                analysis, cpu = await asyncio.to_thread(_timed, content, self.config)
+                analysis, cpu = await asyncio.to_thread(_timed, content, self.config, expected_ms)
             except AnalysisError as exc:
                 log.warning("analysis failed for %s: %s (stored without it)", what, exc)
                 return Outcome("failed")
@@ -339,8 +346,10 @@ class Outcome:
 RESULTS = ("analysed", "disabled", "skipped_size", "failed")
 
 
-def _timed(content: bytes | Path, config: AnalysisConfig) -> tuple[Analysis, float]:
+def _timed(
+    content: bytes | Path, config: AnalysisConfig, expected_ms: int | None = None
+) -> tuple[Analysis, float]:
     """:func:`analyse` and the CPU time this thread spent on it."""
     started = time.thread_time()
-    analysis = analyse(content, config)
+    analysis = analyse(content, config, expected_ms=expected_ms)
     return analysis, time.thread_time() - started

@@ -200,7 +200,7 @@ class Ingestor:
             with metrics.stage("probe"):
                 audio = await self.probe(download)
             check_duration(audio, self.max_duration_s)
-            analysis = await self.analyse(event, download)
+            analysis = await self.analyse(event, download, audio)
             with metrics.stage("upload"):
                 key = await self.upload(event, download)
             metrics.uploaded(download.size)
@@ -246,10 +246,18 @@ class Ingestor:
             retry_after=delay,
         )
 
-    async def analyse(self, event: TalkEvent, download: Fetched) -> Analysis | None:
+    async def analyse(
+        self, event: TalkEvent, download: Fetched, audio: AudioInfo | None = None
+    ) -> Analysis | None:
         """The burst's speech analysis, ``None`` when off, skipped or failed (never
-        raises for the recording's sake; see :class:`~fileserver.analysis.Analyzer`)."""
-        outcome = await self.analyzer.run(download.content, download.size, download.url)
+        raises for the recording's sake; see :class:`~fileserver.analysis.Analyzer`).
+        ``audio``: the probe's reading, which the decoded length is checked against."""
+        outcome = await self.analyzer.run(
+            download.content,
+            download.size,
+            download.url,
+            expected_ms=None if audio is None else audio.duration_ms,
+        )
         self.metrics.analysed(
             outcome.result,
             cpu_s=outcome.cpu_s,

@@ -14,7 +14,6 @@ import pytest
 
 from fileserver.analysis import (
     FLOOR_DBFS,
-    INLINE_DECODE_BYTES,
     AnalysisConfig,
     AnalysisError,
     Analyzer,
@@ -109,23 +108,11 @@ def test_other_rates_and_stereo_are_resampled_for_the_vad() -> None:
 
 
 def test_a_spooled_file_is_read_like_bytes(tmp_path: Path) -> None:
-    """A spooled file goes through the streaming decoder, small bytes through the
-    one-call decode (``INLINE_DECODE_BYTES``): the same samples, the same analysis."""
     data = mp3(np.clip(babble() * 2, -32768, 32767))
-    assert len(data) <= INLINE_DECODE_BYTES
     path = tmp_path / "burst.mp3"
     path.write_bytes(data)
     assert analyse(path) == analyse(data)
     assert not analyse(data).empty
-
-
-def test_bytes_over_the_inline_limit_are_streamed_with_the_same_result(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    data = mp3(tone(4.0))
-    inline = analyse(data)
-    monkeypatch.setattr("fileserver.analysis.INLINE_DECODE_BYTES", len(data) - 1)
-    assert analyse(data) == inline
 
 
 def test_decoding_stops_at_max_seconds() -> None:
@@ -160,12 +147,12 @@ async def test_at_most_threads_analyses_run_at_once(monkeypatch: pytest.MonkeyPa
     running = peak = 0
     real = module._timed
 
-    def counting(content: bytes | Path, config: AnalysisConfig) -> object:
+    def counting(content: bytes | Path, config: AnalysisConfig, *args: object) -> object:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
         try:
-            return real(content, config)
+            return real(content, config, *args)  # type: ignore[arg-type]
         finally:
             running -= 1
 

@@ -1,25 +1,16 @@
-"""Adversarial review of the one-call decode in fileserver.analysis (``mp3_read_s16`` for
-bytes up to ``INLINE_DECODE_BYTES``) and the int16/int64 level math.
+"""Adversarial review of the analysis speed-up (int16/int64 level math, the stream
+source class built once; a one-call ``mp3_read_s16`` decode of small bursts was tried and
+removed after the breaks below).
 
 The reference for "the same result as before" is the implementation just before the
-one-call decode (d0a834b, block streaming through ``miniaudio.stream_any`` and float64
-levels), loaded from git; forcing ``INLINE_DECODE_BYTES = 0`` gives the current
-streaming path, which matched that reference on every input tried.
+speed-up (d0a834b, float64 levels), loaded from git (a clone has it; its absence fails).
 
-Tests that fail on the code as reviewed (breaks, left failing for the owner to fix):
-
-* test_a_format_switch_after_a_16k_mono_start_is_analysed_like_the_stream
-* test_a_format_switch_is_analysed_as_before_the_one_call_decode
-* test_a_clip_level_below_one_lsb_does_not_count_silence_twice
-* test_the_densest_64_kib_the_probe_accepts_stays_within_the_claimed_pcm
-* test_the_densest_64_kib_the_probe_accepts_costs_memory_like_the_stream
-
-Also failing, but not caused by this change (both paths, and the reference, agree):
-
-* test_an_info_frame_count_does_not_hide_audio_the_probe_accepted
-
-The rest pass and guard real risks (RIFF/ID3/junk in front, the inline-size boundary,
-int16 extremes, silence, lengths that are not whole 480-sample frames).
+Breaks found and fixed: a format switch mid-file measured differently on the one-call
+path; free-format frames decoded 180 s of PCM from 64 KiB before ``max_seconds`` could
+cut it (+34.7 MB peak RSS); a clip level under one LSB counted silence twice (clipped
+ratio 2.0). Found on the way (older): dr_mp3 believes an Info/Xing frame count, so audio
+appended after a counted file went unheard and the burst was stored ``empty``; the
+analysis now refuses a decode that stopped far short of the probe's duration.
 """
 
 from __future__ import annotations
@@ -36,17 +27,16 @@ from pathlib import Path
 from types import ModuleType
 
 import lameenc
-import miniaudio
 import numpy as np
 import pytest
 
-from fileserver import analysis
-from fileserver.analysis import INLINE_DECODE_BYTES, AnalysisConfig, AnalysisError, analyse
+from fileserver.analysis import AnalysisConfig, AnalysisError, analyse
 from fileserver.probe import check_duration, probe_bytes
 from fileserver.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-REFERENCE_COMMIT = "d0a834b"  # the last fileserver/analysis.py before the one-call decode
+REFERENCE_COMMIT = "d0a834b"  # the last fileserver/analysis.py before the speed-up
+SIZE = 64 * 1024  # the one-call decode's former limit: the hostile inputs are this big
 RATE = 16000
 
 
@@ -103,7 +93,7 @@ def densest_16k_mono() -> bytes:
     regular = silent_frame(36, version="2", sr_index=2, bitrate_index=1, mono=True)
     free = silent_frame(13, version="2", sr_index=2, bitrate_index=0, mono=True)
     head = regular * 2
-    return head + free * ((INLINE_DECODE_BYTES - len(head)) // len(free))
+    return head + free * ((SIZE - len(head)) // len(free))
 
 
 def densest_48k_stereo() -> bytes:
@@ -112,7 +102,7 @@ def densest_48k_stereo() -> bytes:
     regular = silent_frame(96, version="1", sr_index=1, bitrate_index=1, mono=False)
     free = silent_frame(36, version="1", sr_index=1, bitrate_index=0, mono=False)
     head = regular * 2
-    return head + free * ((INLINE_DECODE_BYTES - len(head)) // len(free))
+    return head + free * ((SIZE - len(head)) // len(free))
 
 
 def mono_then_stereo() -> bytes:
@@ -135,7 +125,7 @@ def reference() -> ModuleType:
             capture_output=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"the reference implementation is not in git here: {exc}")
+        pytest.fail(f"the reference implementation {REFERENCE_COMMIT} is not in git here: {exc}")
     name = "_analysis_before_one_call_decode"
     spec = importlib.util.spec_from_loader(name, loader=None)
     assert spec is not None
@@ -152,14 +142,6 @@ def outcome(analyse_fn: object, data: bytes, config: object = None) -> tuple[obj
         return ("error", type(exc).__name__)
 
 
-def streamed(
-    data: bytes, monkeypatch: pytest.MonkeyPatch, config: object = None
-) -> tuple[object, ...]:
-    with monkeypatch.context() as m:
-        m.setattr(analysis, "INLINE_DECODE_BYTES", 0)
-        return outcome(analyse, data, config)
-
-
 _MEASURE = textwrap.dedent(
     """
     import sys
@@ -167,7 +149,6 @@ _MEASURE = textwrap.dedent(
     import numpy, miniaudio, webrtcvad
     from fileserver import analysis
     data = open({path!r}, "rb").read()
-    analysis.INLINE_DECODE_BYTES = {inline}
     try:
         analysis.analyse(data[:400])  # warm up: imports, VAD, the stream source class
     except analysis.AnalysisError:
@@ -182,12 +163,12 @@ _MEASURE = textwrap.dedent(
 )
 
 
-def peak_growth(data: bytes, inline: int, tmp_path: Path) -> int:
+def peak_growth(data: bytes, tmp_path: Path) -> int:
     """Bytes the peak RSS of a fresh process grew by while analysing ``data`` (VmHWM:
     sees the C allocations of the decoder too, which tracemalloc does not)."""
-    path = tmp_path / f"input-{inline}.mp3"
+    path = tmp_path / "input.mp3"
     path.write_bytes(data)
-    code = _MEASURE.format(repo=str(REPO), path=str(path), inline=inline)
+    code = _MEASURE.format(repo=str(REPO), path=str(path))
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env
@@ -198,28 +179,12 @@ def peak_growth(data: bytes, inline: int, tmp_path: Path) -> int:
 # --- promise 1: the same result as before ----------------------------------------------
 
 
-def test_a_format_switch_after_a_16k_mono_start_is_analysed_like_the_stream(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """BREAK. ``_blocks`` says the one-call decode gives "the same samples either way
-    (tested)". Not when the format changes mid-stream: dr_mp3 reports the first frame's
-    16 kHz mono, so the inline path keeps its output, but from the first 44.1 kHz stereo
-    frame on its samples differ from the converting stream's (the old path). Measured on
-    this 50 KB input: RMS -22.70 vs -22.68 dBFS, speech ratio 0.6453 vs 0.6486; 57 of
-    192 mono-then-other-format joins tried differ (RMS by up to 0.09 dB, speech ratio by
-    up to 0.01). A fuzzed 6.5 KB file the probe accepts (792 ms) differed by 0.65 dB RMS
-    and 31 % in clipped ratio (0.003155 -> 0.004125)."""
-    data = mono_then_stereo()
-    assert len(data) <= INLINE_DECODE_BYTES
-    decoded = miniaudio.mp3_read_s16(data)
-    assert (decoded.sample_rate, decoded.nchannels) == (RATE, 1)  # so no second decode
-    assert outcome(analyse, data) == streamed(data, monkeypatch)
-
-
 def test_a_format_switch_is_analysed_as_before_the_one_call_decode(
     reference: ModuleType,
 ) -> None:
-    """BREAK. The same input against the implementation before the one-call decode."""
+    """Was a break of the one-call decode: dr_mp3 took the first frame's 16 kHz mono for
+    the whole file, and from the first 44.1 kHz stereo frame on its samples differed from
+    the converting stream's (RMS -22.70 vs -22.68 dBFS, speech ratio 0.6453 vs 0.6486)."""
     data = mono_then_stereo()
     assert outcome(analyse, data) == outcome(reference.analyse, data)
 
@@ -245,8 +210,8 @@ def test_ordinary_bursts_are_analysed_as_before(reference: ModuleType, name: str
     square = np.where(np.arange(2 * RATE) % 40 < 20, -32768, 32767).astype(float)
     data = {
         "16k mono babble": mp3(babble(3.0)),
-        "16k mono babble, 64 KiB exactly": long_babble[:INLINE_DECODE_BYTES],
-        "16k mono babble, 64 KiB + 1": long_babble[: INLINE_DECODE_BYTES + 1],
+        "16k mono babble, 64 KiB exactly": long_babble[:SIZE],
+        "16k mono babble, 64 KiB + 1": long_babble[: SIZE + 1],
         "full-scale square at -32768/32767": mp3(square),
         "digital silence": mp3(np.zeros(2 * RATE)),
         "a tenth of a second (not whole 480-sample frames)": mp3(babble(0.1)),
@@ -255,7 +220,7 @@ def test_ordinary_bursts_are_analysed_as_before(reference: ModuleType, name: str
         "48 kHz stereo then 16 kHz mono": mp3(stereo(tone(1.0, 48000)), 48000, 2, 64)
         + mp3(tone(1.0)),
     }[name]
-    assert len(long_babble) > INLINE_DECODE_BYTES + 1
+    assert len(long_babble) > SIZE + 1
     assert outcome(analyse, data) == outcome(reference.analyse, data)
 
 
@@ -291,36 +256,21 @@ def test_full_scale_negative_samples_are_peak_and_clipped() -> None:
 
 
 @pytest.mark.parametrize("make", [densest_16k_mono, densest_48k_stereo])
-def test_the_densest_64_kib_the_probe_accepts_stays_within_the_claimed_pcm(make) -> None:  # type: ignore[no-untyped-def]
-    """BREAK. The comment bounds the one-call decode to "~3 MB of PCM" for 64 KiB, from
-    the densest regular bitrate (32 kbit/s stereo at 48 kHz, 24 samples a byte). Free
-    format (bitrate index 0) has no such floor: after two regular frames (all the probe
-    walks before it stops at "trailing data": 72/48 ms, accepted) dr_mp3 decodes
-    13-byte 16 kHz mono frames (44 samples a byte: 2,900,160 samples, 5.8 MB, 181 s) or
-    36-byte 48 kHz stereo frames (64 a byte: 4.19 M samples, 8.4 MB), all of it before
-    ``max_seconds`` can cut."""
+def test_the_densest_64_kib_the_probe_accepts_is_analysed_in_bounded_memory(
+    make,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Was a break of the one-call decode: free format (bitrate index 0) has no floor on
+    frame size, so after two regular frames (all the probe walks: 72/48 ms, accepted)
+    64 KiB of 13-byte frames decoded to 2,900,160 samples (181 s) at once, +34.7 MB of
+    peak RSS against +1.1 MB streamed. Streamed in blocks, the peak stays small."""
     data = make()
-    assert len(data) <= INLINE_DECODE_BYTES
     info = probe_bytes(data)
     check_duration(info, 600)  # the pipeline analyses it
     assert info.duration_ms <= 100
-    pcm_bytes = len(miniaudio.mp3_read_s16(data).samples) * 2
-    assert pcm_bytes <= 3_300_000, f"{pcm_bytes:,} bytes of PCM from {len(data):,} bytes"
-
-
-def test_the_densest_64_kib_the_probe_accepts_costs_memory_like_the_stream(
-    tmp_path: Path,
-) -> None:
-    """BREAK. Peak RSS growth (ru_maxrss, fresh process) of ``analyse`` on
-    :func:`densest_16k_mono`: 16 kHz mono, so the whole 181 s is one block, and the
-    analysis makes an int64 copy of it (23 MB), a bytes copy for the VAD (5.8 MB), on
-    top of the decoder's buffer and the array: measured +34.7 MB inline, +1.1 MB
-    streamed (VmHWM), for 64 KiB of input (x2 with FILESERVER_ANALYSIS_THREADS=2)."""
-    data = densest_16k_mono()
-    inline = peak_growth(data, INLINE_DECODE_BYTES, tmp_path)
-    stream = peak_growth(data, 0, tmp_path)
-    print(f"peak RSS growth: inline +{inline:,} B, streamed +{stream:,} B")
-    assert inline <= stream + 4_000_000, f"inline +{inline:,} B, streamed +{stream:,} B"
+    grown = peak_growth(data, tmp_path)
+    print(f"peak RSS growth: +{grown:,} B")
+    assert grown <= 4_000_000, f"+{grown:,} B"
 
 
 def test_free_format_after_regular_frames_ends_as_an_analysis() -> None:
@@ -363,10 +313,9 @@ def _id3(size: int, flags: int = 0) -> bytes:
 def test_a_header_in_front_is_not_decoded_as_another_format(
     prefix: bytes, reference: ModuleType
 ) -> None:
-    """Held: the inline decode is MP3 only; the result is the bare MP3's, as before."""
+    """Held: the decode is MP3 only; the result is the bare MP3's, as before."""
     bare = mp3(babble(2.0))
     data = prefix + bare
-    assert len(data) <= INLINE_DECODE_BYTES
     result = outcome(analyse, data)
     assert result == outcome(analyse, bare)
     assert result == outcome(reference.analyse, data)
@@ -387,21 +336,25 @@ def _with_info_tag(tmp_path: Path) -> bytes:
             check=True,
         )  # fmt: skip
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"ffmpeg with libmp3lame is needed: {exc}")
+        pytest.fail(f"ffmpeg with libmp3lame is needed (make test installs it): {exc}")
     return out.read_bytes()
 
 
-def test_an_info_frame_count_does_not_hide_audio_the_probe_accepted(tmp_path: Path) -> None:
-    """BREAK, NOT FROM THIS CHANGE (both paths and the reference agree). dr_mp3 trusts
-    the Info/Xing frame count of the first file: 3 s of speech appended to a 2 s file
-    that has an Info frame is probed as 5.2 s, but analysed as the first 2 s only, and
-    stored ``empty`` (the speech alone: speech ratio 0.98). A frame count of 2 in a
-    2.1 s file the probe accepts makes the analysis fail outright."""
+def test_an_info_frame_count_does_not_make_a_burst_with_speech_empty(tmp_path: Path) -> None:
+    """Was a break (older than the speed-up; the reference agreed): dr_mp3 believes the
+    Info/Xing frame count of the first file, so 3 s of speech appended to a 2 s file
+    with an Info frame was probed as 5.2 s, analysed as its first 2 s only, and stored
+    ``empty``. The analysis now refuses a decode that stopped at less than half of the
+    probe's duration: the columns stay NULL (unknown), never a false ``empty``."""
     first = _with_info_tag(tmp_path)
     speech = mp3(babble(3.0))
     assert not analyse(speech).empty
     joined = first + speech
     info = probe_bytes(joined)
-    result = analyse(joined)
-    assert result.decoded_ms >= info.duration_ms - 500, (info, result)
-    assert not result.empty, result
+    assert info.duration_ms >= 5000
+    with pytest.raises(AnalysisError, match=r"decoder stopped at 2[0-9]{3} ms of"):
+        analyse(joined, expected_ms=info.duration_ms)
+    # a whole file, and a duration cut by max_seconds, are not refused
+    assert not analyse(speech, expected_ms=probe_bytes(speech).duration_ms).empty
+    cut = analyse(joined, AnalysisConfig(max_seconds=1.5), expected_ms=info.duration_ms)
+    assert cut.decoded_ms == 1500

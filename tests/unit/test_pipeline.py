@@ -330,7 +330,7 @@ async def test_analysis_off_or_skipped_leaves_the_columns_null() -> None:
 
 
 async def test_a_burst_the_analysis_cannot_decode_is_still_ingested() -> None:
-    def fail(*args: object) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
         raise AnalysisError("cannot decode: test")
 
     r = rig()
