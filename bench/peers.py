@@ -140,7 +140,17 @@ def ensure_benthos(log: Callable[[str], None] | None = None) -> Path:
             built = Path(tmp) / "benthos"
             # `-v` names each package as it is compiled: the progress count.
             proc = subprocess.Popen(
-                [go, "build", "-v", "-mod=readonly", "-trimpath", "-o", str(built), "."],
+                [
+                    go,
+                    "build",
+                    "-v",
+                    "-mod=readonly",
+                    "-trimpath",
+                    "-buildvcs=false",
+                    "-o",
+                    str(built),
+                    ".",
+                ],
                 cwd=BENTHOS_DIR,
                 env={**os.environ, "CGO_ENABLED": "0"},
                 stdin=subprocess.DEVNULL,
