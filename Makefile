@@ -35,10 +35,11 @@ test: lint
 	$(BIN)/python -m tests.servers.toxiproxy --fetch
 	$(BIN)/python -m tests.servers.s3proxy --fetch
 	$(BIN)/python -m tests.servers.versitygw --fetch
+	$(BIN)/python -m bench.peers build
 	$(BIN)/python -m pytest -p no:cacheprovider -ra --durations=15
 
 bench: setup
-	$(BIN)/python -m bench --preset deployment
+	$(BIN)/python -m bench --case throughput,naive,peers
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
