@@ -204,7 +204,7 @@ class Settings:
     commit_interval_s: float = 1.0
     db_batch_rows: int = 100
     db_batch_linger_ms: float = 10.0
-    http_transport: str = "aiohttp"
+    http_transport: str = "http11"
     s3_transport: str = "http11"
     s3_threads: int = 8
     session_timeout_s: float = 30.0
@@ -375,7 +375,7 @@ class Settings:
                 f"{PREFIX}MULTIPART_CHUNK_BYTES must be <= {PREFIX}MULTIPART_THRESHOLD_BYTES"
             )
         if self.http_transport not in ("aiohttp", "http11", "httpx"):
-            out.append(f"{PREFIX}HTTP_TRANSPORT must be aiohttp (the default), http11 or httpx")
+            out.append(f"{PREFIX}HTTP_TRANSPORT must be http11 (the default), aiohttp or httpx")
         if self.s3_transport not in ("http11", "aiohttp", "boto3"):
             out.append(f"{PREFIX}S3_TRANSPORT must be http11 (the default), aiohttp or boto3")
         if self.kafka_fetch_max_wait_ms > 10_000:

@@ -170,9 +170,10 @@ DOCS: dict[str, Doc] = {
     ),
     "metrics_port": Doc("its port; `0` picks a free one (logged at start-up)"),
     "http_transport": Doc(
-        "the wire downloads go out on: `aiohttp` (the default), `http11` (fileserver's "
-        "HTTP/1.1 client, the S3 PUTs' one, on llhttp; bodies streamed) or `httpx` (same "
-        "checks on all three; aiohttp takes about a twelfth of httpx's CPU per download) — " + _FAST
+        "the wire downloads go out on: `http11` (the default: fileserver's HTTP/1.1 client, "
+        "the S3 PUTs' one, on llhttp; bodies streamed; about 0.6 of aiohttp's CPU per "
+        "download), `aiohttp` or `httpx` (same checks on all three; aiohttp takes about a "
+        "twelfth of httpx's CPU per download) — " + _FAST
     ),
     "s3_transport": Doc(
         "`http11` (the default): objects up to 1 MiB are PUT on the event loop with "

@@ -123,6 +123,19 @@ async def test_keep_alive_connections_are_reused_after_a_complete_response(
     assert server.connections == 1 and wire.open_connections == 1
 
 
+async def test_pools_are_per_host_name_too(wire: Http11Wire, server: Server) -> None:
+    """Two names on one address and port never share a connection (with TLS, one
+    verified for one name never carries the other's request); each reuses its own."""
+    server.routes["/a.mp3"] = reply(200, b"audio")
+    for name in ("a.test", "b.test", "a.test", "b.test"):
+        resp = await wire.get(server.url("/a.mp3"), host_header=name, sni_hostname=None)
+        assert b"".join([c async for c in resp.chunks()]) == b"audio"
+        await resp.aclose()
+    assert server.connections == 2
+    hosts = [h.split(b"\r\n")[1] for h in server.heads]
+    assert hosts == [b"Host: a.test", b"Host: b.test"] * 2
+
+
 async def test_a_body_not_read_to_the_end_closes_the_connection(
     wire: Http11Wire, server: Server
 ) -> None:

@@ -33,10 +33,12 @@ def test_defaults_match_the_contract() -> None:
 
 
 def test_the_transport_defaults_are_the_fast_paths_and_the_others_stay_settings() -> None:
-    """aiohttp downloads and http11 S3 PUTs by default (issue 16): what `pip install` and
-    the image run alike; httpx and boto3 (and the aiohttp S3 sender) stay available."""
+    """http11 downloads and http11 S3 PUTs by default (issue 16): what `pip install` and
+    the image run alike; aiohttp and httpx downloads, boto3 (and the aiohttp S3 sender)
+    stay available."""
     s = Settings.from_env({})
-    assert (s.http_transport, s.s3_transport) == ("aiohttp", "http11")
+    assert (s.http_transport, s.s3_transport) == ("http11", "http11")
+    assert Settings.from_env({"FILESERVER_HTTP_TRANSPORT": "aiohttp"}).http_transport == "aiohttp"
     other = Settings.from_env(
         {"FILESERVER_HTTP_TRANSPORT": "HTTPX", "FILESERVER_S3_TRANSPORT": "Boto3"}
     )
@@ -44,7 +46,7 @@ def test_the_transport_defaults_are_the_fast_paths_and_the_others_stay_settings(
     assert Settings.from_env({"FILESERVER_S3_TRANSPORT": "aiohttp"}).s3_transport == "aiohttp"
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"FILESERVER_HTTP_TRANSPORT": "curl", "FILESERVER_S3_TRANSPORT": "h2"})
-    assert "FILESERVER_HTTP_TRANSPORT must be aiohttp (the default), http11 or httpx" in str(
+    assert "FILESERVER_HTTP_TRANSPORT must be http11 (the default), aiohttp or httpx" in str(
         info.value
     )
     assert "FILESERVER_S3_TRANSPORT must be http11 (the default), aiohttp or boto3" in str(
