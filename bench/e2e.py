@@ -50,10 +50,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BASE_TS = 1569569600
 CASES = ("throughput", "naive", "scale", "clips", "large", "peers")
 SCALE_WORKERS = (1, 2, 4)
-# Worker settings presets (``--preset``): the code defaults (the design card's httpx,
-# boto3, SQLAlchemy/psycopg); the options behind the same interfaces that the image and
-# compose.yaml set (``deployment``: aiohttp downloads, http11 S3 PUTs); and the earlier
-# deployment, aiohttp for both (``aiohttp``), which older README figures were measured on.
+# Worker settings presets (``--preset``): the code defaults (http11 downloads and S3
+# PUTs); ``deployment``, what the image set before the defaults changed (aiohttp
+# downloads, http11 S3 PUTs; most figures in bench/README.md were measured on it); and
+# the deployment before that, aiohttp for both (``aiohttp``).
 PRESETS: dict[str, dict[str, str]] = {
     "defaults": {},
     "deployment": {"FILESERVER_HTTP_TRANSPORT": "aiohttp", "FILESERVER_S3_TRANSPORT": "http11"},
@@ -623,8 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         "--preset",
         choices=sorted(PRESETS),
         default="defaults",
-        help="worker settings: code defaults; the deployment's (aiohttp GET, http11 PUT); "
-        "or aiohttp for both (the earlier deployment)",
+        help="worker settings: code defaults (http11 GET and PUT); the earlier deployment "
+        "(aiohttp GET, http11 PUT); or aiohttp for both (the one before)",
     )
     parser.add_argument(
         "--workers",

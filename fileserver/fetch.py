@@ -11,8 +11,9 @@ or one that finds the budget spent, is spooled to a temporary file. Enforces the
 ``Content-Length`` and on the bytes actually read, bounds the whole download (lookups
 included) by a total timeout, and always removes the temporary file. ``/metrics`` reads
 the budget in use when scraped and counts the downloads a spent budget sends to a file.
-The request itself goes out on a wire (:mod:`fileserver.wires`: httpx by default, or
-aiohttp), whose errors are translated here into the fileserver error tree.
+The request itself goes out on a wire (:mod:`fileserver.wires`: fileserver's http11 pool
+by default, or aiohttp, or httpx), whose errors are translated here into the fileserver
+error tree.
 """
 
 from __future__ import annotations

@@ -16,16 +16,17 @@ from sqlalchemy import create_engine, text
 T = TypeVar("T")
 
 
-# The code's defaults (aiohttp downloads, http11 S3 PUTs: no variable set, as `pip
-# install` and the image run) and the other pair still offered as settings (httpx
-# downloads, boto3 PUTs): e2e tests run on both. (The aiohttp S3 sender is tested on
-# the real S3 servers in test_storage.py.)
+# The code's defaults (http11 downloads and S3 PUTs: no variable set, as `pip install`
+# and the image run) and the other pair still offered as settings (httpx downloads,
+# boto3 PUTs): e2e tests run on both. (The aiohttp wire and S3 sender are tested on the
+# hostile sources in test_fetch.py/test_hostile_sources.py and on the real S3 servers in
+# test_storage.py.)
 OTHER_TRANSPORTS = {
     "FILESERVER_HTTP_TRANSPORT": "httpx",
     "FILESERVER_S3_TRANSPORT": "boto3",
 }
 TRANSPORT_SETS = [
-    pytest.param({}, id="defaults-aiohttp-http11"),
+    pytest.param({}, id="defaults-http11-http11"),
     pytest.param(OTHER_TRANSPORTS, id="set-httpx-boto3"),
 ]
 
