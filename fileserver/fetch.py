@@ -409,7 +409,15 @@ class Fetcher:
                                 raise SourceUnavailable(
                                     f"HTTP {resp.status} without Location: {display_url(current)}"
                                 )
-                            current = urljoin(current, location)
+                            try:
+                                current = urljoin(current, location)
+                            except ValueError as exc:  # "http://[::1", a bracketed IPv4
+                                raise PermanentError(
+                                    Reason.SOURCE_UNAVAILABLE,
+                                    f"HTTP {resp.status} to an invalid Location "
+                                    f"{display_url(location)[:200]!r} ({exc}): "
+                                    f"{display_url(current)}",
+                                ) from None
                             continue
                         self._check_status(resp, current)
                         return await self._stream_body(resp, sink, current)

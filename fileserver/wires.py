@@ -247,7 +247,7 @@ class AiohttpWire:
 
 KEEPALIVE_S = 15.0  # an idle connection older than this is closed (aiohttp's default)
 _TARGET_SAFE = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
-_HOST_SAFE = re.compile(r"[A-Za-z0-9\-.:\[\]]+")
+_HOST_SAFE = re.compile(r"[A-Za-z0-9\-._:\[\]]+")  # "_": names the policy allows (DNS does)
 _TAIL = "".join(f"{k}: {v}\r\n" for k, v in REQUEST_HEADERS.items()) + "\r\n"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _Key = tuple[str, str, int, str, str | None]
@@ -308,7 +308,10 @@ class _Http11Response:
         self.status = head.status
 
     def header(self, name: str) -> str | None:
-        return self._headers.get(name.lower())
+        key = name.lower()
+        if key == "content-length" and "transfer-encoding" in self._headers:
+            return None  # the body is framed by the transfer coding: the length says nothing
+        return self._headers.get(key)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         conn = self._conn

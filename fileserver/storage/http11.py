@@ -187,7 +187,11 @@ class ResponseParser:
         self.head: Head | None = None  # streamed: the final head once complete
         self._parser = httptools.HttpResponseParser(self)
         # Both Content-Length and Transfer-Encoding: read as chunked (RFC 9112 6.3),
-        # and the connection is not kept (below). The only leniency.
+        # and the connection is not kept (below). The only leniency: llhttp's header
+        # leniency, which would read folded lines (obs-fold) as aiohttp does, also lets
+        # "Content-Length : 1" and control bytes through, the material of a response
+        # read with another length than the server meant on a kept connection; lines
+        # ended by a lone LF likewise. Such a source is retried, then dead-lettered.
         self._parser.set_dangerous_leniencies(lenient_chunked_length=True)
         self._fed = 0
         self._in_head = True  # until the final (non-1xx) head is complete
@@ -421,6 +425,9 @@ class _Connection(asyncio.Protocol):
 HIGH_WATER = 256 * 1024
 
 
+_PIECE_OVERHEAD = 64  # a small bytes object and its list slot, rounded up
+
+
 class StreamConnection(asyncio.Protocol):
     """One TCP (or TLS) connection whose responses are streamed; one request at a time.
 
@@ -543,7 +550,10 @@ class StreamConnection(asyncio.Protocol):
 
     def _on_body(self, body: bytes) -> None:
         self._pending.append(body)
-        self._queued += len(body)
+        # Each piece is an object of its own: counted with its overhead, or a server
+        # sending 2-byte chunks to a reader that does not take them held 8 MB per
+        # connection before reading paused (32x the high-water mark).
+        self._queued += len(body) + _PIECE_OVERHEAD
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
