@@ -221,6 +221,8 @@ class AiohttpWire:
                 allow_redirects=False,
                 server_hostname=sni_hostname,
             )
+        except aiohttp.SocketTimeoutError as exc:  # connected; silent before the head
+            raise WireError("ReadTimeout", str(exc), timeout=True) from None
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise WireError("ConnectTimeout", str(exc), connect=True, timeout=True) from None
         except aiohttp.ClientConnectorError as exc:
