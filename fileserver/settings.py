@@ -165,7 +165,10 @@ class Settings:
     # Janus' 24 kbit/s, far over any talk burst; decoding is in 3 s blocks anyway.
     analysis_max_bytes: int = 4 * 1024 * 1024
     # Analyses running at once (threads): each is CPU only (~0.5 ms per second of audio).
-    analysis_threads: int = 2
+    # One: the threads share the GIL with the event loop, and a second one made the worker
+    # slower, not faster (bench/README.md: 198-214 vs 247-255 events/s, 4.0-4.2 vs 3.2-3.3
+    # ms of CPU per event, interleaved on an idle 2-core machine).
+    analysis_threads: int = 1
     # WebRTC VAD aggressiveness 0-3; 3 rejects the most non-speech (radio hiss, clicks).
     analysis_vad_mode: int = 3
     # A frame quieter than this is no voice (speech over a radio is -35..-10 dBFS).

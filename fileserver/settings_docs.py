@@ -102,7 +102,8 @@ DOCS: dict[str, Doc] = {
     ),
     "analysis_max_bytes": Doc("larger files are not analysed (logged, columns NULL)"),
     "analysis_threads": Doc(
-        "analyses running at once (CPU, ~0.5 ms per second of audio: "
+        "analyses running at once (threads sharing the GIL with the event loop: more than "
+        "one measured slower; CPU ~0.6 ms per second of audio: "
         "`python -m bench.analysis_speed`)"
     ),
     "analysis_vad_mode": Doc("WebRTC VAD aggressiveness 0\u20133"),

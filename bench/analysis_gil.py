@@ -1,0 +1,62 @@
+"""The analysis thread beside a busy event loop: ``python -m bench.analysis_gil``.
+
+Decodes a 3 s burst (:func:`fileserver.analysis._blocks`, the worker's decoder) in a loop
+in one thread for ``--seconds``, first while the main thread sleeps, then while it runs
+Python code (as the event loop does at full load), and prints decodes per second for
+each. The gap is the GIL: the decoder's Python read callbacks each wait for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+
+def rate(decode: Callable[[], None], seconds: float, busy: bool) -> float:
+    """Decodes per second in a thread while the main thread sleeps or computes."""
+    stop = threading.Event()
+    count = 0
+
+    def loop() -> None:
+        nonlocal count
+        while not stop.is_set():
+            decode()
+            count += 1
+
+    thread = threading.Thread(target=loop)
+    started = time.monotonic()
+    thread.start()
+    if busy:
+        while time.monotonic() - started < seconds:
+            sum(range(1000))
+    else:
+        time.sleep(seconds)
+    stop.set()
+    thread.join()
+    return count / (time.monotonic() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    from fileserver.analysis import _blocks
+    from fileserver.devstack.samples import make_mp3
+
+    data = make_mp3(3.0, freq_hz=300)
+
+    def decode() -> None:
+        for _ in _blocks(data):
+            pass
+
+    idle = rate(decode, args.seconds, busy=False)
+    busy = rate(decode, args.seconds, busy=True)
+    print(f"decodes/s in a thread: main thread idle {idle:,.0f}, main thread busy {busy:,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
