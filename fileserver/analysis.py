@@ -35,21 +35,19 @@ the VAD takes; another rate or stereo is resampled/down-mixed by the decoder):
   (an empty burst's speech ratio is 0, its leading and trailing silences its length).
 
 :func:`analyse` is plain CPU work, mostly the MP3 decoder and the VAD (its cost per
-second of audio: ``python -m bench.analysis_speed``); :class:`Analyzer` runs it off the
-event loop, at most ``threads`` at a time, skips files over ``max_bytes`` and never fails
-an event: a burst it cannot analyse is stored with its analysis columns ``NULL`` and logged.
+second of audio: ``python -m bench.analysis_speed``); :class:`fileserver.analyzer.Analyzer`
+runs it off the event loop, skips files over ``max_bytes`` and never fails an event: a
+burst it cannot analyse is stored with its analysis columns ``NULL`` and logged.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import io
 import itertools
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,91 +263,3 @@ def _bridge(speech: Any, gap: int) -> Any:
         if 1 < end - start <= gap + 1:
             out[start:end] = True
     return out
-
-
-class Analyzer:
-    """Runs :func:`analyse` for the pipeline: off the event loop, at most ``threads`` at
-    once (each burst costs CPU, not I/O: more would only take the event loop's core),
-    never failing the event.
-
-    ``enabled=False``: nothing is decoded and every burst's analysis is ``None``.
-    """
-
-    def __init__(
-        self,
-        config: AnalysisConfig | None = None,
-        *,
-        enabled: bool = True,
-        max_bytes: int = 4 * 1024 * 1024,
-        threads: int = 2,
-    ) -> None:
-        self.config = config or AnalysisConfig()
-        self.enabled = enabled
-        self.max_bytes = max_bytes
-        self.threads = max(1, threads)
-        self._slots: asyncio.Semaphore | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> Analyzer:
-        """The analyzer the ``FILESERVER_ANALYSIS_*`` settings describe."""
-        s = settings
-        return cls(
-            AnalysisConfig(
-                vad_mode=s.analysis_vad_mode,
-                min_dbfs=s.analysis_speech_min_dbfs,
-                snr_db=s.analysis_speech_snr_db,
-                min_speech_ms=s.analysis_min_speech_ms,
-                clip_dbfs=s.analysis_clip_dbfs,
-                max_seconds=float(s.max_duration_s),
-            ),
-            enabled=s.analysis_enabled,
-            max_bytes=s.analysis_max_bytes,
-            threads=s.analysis_threads,
-        )
-
-    async def run(
-        self, content: bytes | Path, size: int, what: str, *, expected_ms: int | None = None
-    ) -> Outcome:
-        """Analyse one downloaded recording (``what`` names it in messages; ``expected_ms``
-        is the probe's duration, see :func:`analyse`)."""
-        if not self.enabled:
-            return Outcome("disabled")
-        if size > self.max_bytes:
-            log.info(
-                "analysis skipped for %s: %d bytes > FILESERVER_ANALYSIS_MAX_BYTES=%d",
-                what,
-                size,
-                self.max_bytes,
-            )
-            return Outcome("skipped_size")
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.threads)
-        async with self._slots:
-            try:
-                analysis, cpu = await asyncio.to_thread(_timed, content, self.config, expected_ms)
-            except AnalysisError as exc:
-                log.warning("analysis failed for %s: %s (stored without it)", what, exc)
-                return Outcome("failed")
-        return Outcome("analysed", analysis, cpu)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How :meth:`Analyzer.run` ended: ``analysed`` (with the analysis and its CPU
-    seconds), ``disabled``, ``skipped_size`` or ``failed``."""
-
-    result: str
-    analysis: Analysis | None = None
-    cpu_s: float = 0.0
-
-
-RESULTS = ("analysed", "disabled", "skipped_size", "failed")
-
-
-def _timed(
-    content: bytes | Path, config: AnalysisConfig, expected_ms: int | None = None
-) -> tuple[Analysis, float]:
-    """:func:`analyse` and the CPU time this thread spent on it."""
-    started = time.thread_time()
-    analysis = analyse(content, config, expected_ms=expected_ms)
-    return analysis, time.thread_time() - started

@@ -35,7 +35,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from fileserver.analysis import Analysis, Analyzer
+from fileserver.analysis import Analysis
+from fileserver.analyzer import Analyzer
 from fileserver.errors import PermanentError, Reason, SourceUnavailable
 from fileserver.events import SkippedEvent, TalkEvent, parse_event
 from fileserver.layout import object_key, object_metadata
@@ -250,7 +251,7 @@ class Ingestor:
         self, event: TalkEvent, download: Fetched, audio: AudioInfo | None = None
     ) -> Analysis | None:
         """The burst's speech analysis, ``None`` when off, skipped or failed (never
-        raises for the recording's sake; see :class:`~fileserver.analysis.Analyzer`).
+        raises for the recording's sake; see :class:`~fileserver.analyzer.Analyzer`).
         ``audio``: the probe's reading, which the decoded length is checked against."""
         outcome = await self.analyzer.run(
             download.content,

@@ -15,7 +15,7 @@ from typing import Any, cast
 import httpx
 import pytest
 
-from fileserver.analysis import Analyzer
+from fileserver.analyzer import Analyzer
 from fileserver.devstack.samples import SampleServer, make_mp3, talk_event
 from fileserver.fetch import Fetcher
 from fileserver.metrics import Metrics

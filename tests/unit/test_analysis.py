@@ -16,10 +16,10 @@ from fileserver.analysis import (
     FLOOR_DBFS,
     AnalysisConfig,
     AnalysisError,
-    Analyzer,
     _bridge,
     analyse,
 )
+from fileserver.analyzer import Analyzer
 from fileserver.errors import ConfigError
 from fileserver.metrics import MAX_GROUP_LABELS, Metrics
 from fileserver.settings import Settings
@@ -142,7 +142,7 @@ async def test_the_analyzer_never_fails_and_says_why_it_did_not_analyse() -> Non
 
 
 async def test_at_most_threads_analyses_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fileserver.analysis as module
+    import fileserver.analyzer as module
 
     running = peak = 0
     real = module._timed

@@ -13,7 +13,8 @@ from unittest.mock import patch
 
 import pytest
 
-from fileserver.analysis import AnalysisError, Analyzer
+from fileserver.analysis import AnalysisError
+from fileserver.analyzer import Analyzer
 from fileserver.devstack.samples import make_mp3
 from fileserver.errors import PermanentError, Reason, SourceUnavailable
 from fileserver.metrics import Metrics
@@ -334,7 +335,7 @@ async def test_a_burst_the_analysis_cannot_decode_is_still_ingested() -> None:
         raise AnalysisError("cannot decode: test")
 
     r = rig()
-    with patch("fileserver.analysis.analyse", fail):
+    with patch("fileserver.analyzer.analyse", fail):
         result = await r.ingestor.ingest(record())
     assert result.outcome is Outcome.INGESTED and result.analysis is None
     assert r.tables.rows[URL].empty is None
