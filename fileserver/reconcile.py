@@ -491,8 +491,7 @@ def run(
         )
     )
     print(report.render(), file=output.text)
-    output.emit("reconcile", report.as_json(), report.exit_code)
-    return report.exit_code
+    return output.emit("reconcile", report.as_json(), report.exit_code)
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:

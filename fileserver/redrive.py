@@ -332,5 +332,4 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
                 out=output.text,
             )
         )
-    output.emit("redrive", report.as_json(), report.exit_code)
-    return report.exit_code
+    return output.emit("redrive", report.as_json(), report.exit_code)

@@ -10,19 +10,28 @@ The shapes are documented in docs/operations.md (JSON summaries).
 Only a run that ends with a summary prints one: an error before the run starts (a
 configuration error, a dependency unreachable) is the one-line fatal error of
 :mod:`fileserver.cli` instead (a JSON line on stderr when logs are JSON).
+
+A FILE that cannot be written is refused before the run (exit status 2). If writing it
+fails anyway at the end, the object goes to stderr instead and the exit status is not 0
+(a script must not go on to read a stale FILE).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 from fileserver import exits
+from fileserver.errors import ConfigError
 
 STDOUT = "-"
+
+log = logging.getLogger("fileserver.summary")
 
 
 def add_json_option(parser: argparse._ActionsContainer, what: str) -> None:
@@ -53,6 +62,8 @@ class Output:
     def __init__(
         self, json_path: str | None, *, out: TextIO | None = None, err: TextIO | None = None
     ) -> None:
+        if json_path is not None and json_path != STDOUT:
+            check_writable(json_path)
         self.json_path = json_path
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -62,14 +73,51 @@ class Output:
         """The stream for the text summary: stderr when stdout is the JSON's."""
         return self.err if self.json_path == STDOUT else self.out
 
-    def emit(self, command: str, body: Mapping[str, Any], exit_status: int) -> None:
-        """Write the summary object (nothing without ``--json``)."""
+    def emit(self, command: str, body: Mapping[str, Any], exit_status: int) -> int:
+        """Write the summary object (nothing without ``--json``); returns the exit status
+        the command ends with: ``exit_status``, or 1 instead of 0 when FILE could not be
+        written (the object, with that status, is then written on stderr)."""
         if self.json_path is None:
-            return
-        doc = json.dumps(document(command, body, exit_status), indent=2) + "\n"
+            return exit_status
+        doc = _dumps(document(command, body, exit_status))
         if self.json_path == STDOUT:
             self.out.write(doc)
             self.out.flush()
-        else:
+            return exit_status
+        try:
             with open(self.json_path, "w", encoding="utf-8") as f:
                 f.write(doc)
+        except OSError as exc:
+            status = exit_status or exits.INCOMPLETE
+            log.error(
+                "cannot write the --json summary to %s: %s; it follows on stderr (exit status %d)",
+                self.json_path,
+                exc.strerror or exc,
+                status,
+            )
+            self.err.write(_dumps(document(command, body, status)))
+            self.err.flush()
+            return status
+        return exit_status
+
+
+def _dumps(doc: Mapping[str, Any]) -> str:
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def check_writable(path: str) -> None:
+    """Refuse (:class:`ConfigError`, exit status 2) a ``--json FILE`` that cannot be
+    written, before the run rather than after it."""
+    if not path:
+        raise ConfigError("--json '': give a file name, or '-' (or nothing) for stdout")
+    if os.path.isdir(path):
+        raise ConfigError(f"--json {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--json {path}: {parent} is not a directory")
+    if os.path.exists(path):
+        writable = os.access(path, os.W_OK)
+    else:
+        writable = os.access(parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise ConfigError(f"--json {path}: permission denied")

@@ -314,8 +314,7 @@ async def _main(settings: Settings, options: BackfillOptions, output: Output) ->
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-    output.emit("backfill", summary.as_json(), summary.exit_code)
-    return summary.exit_code
+    return output.emit("backfill", summary.as_json(), summary.exit_code)
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
