@@ -311,10 +311,11 @@ async def _main(settings: Settings, options: BackfillOptions, output: Output) ->
             installed.append(sig)
     try:
         summary = await run_backfill(settings, options, stop=stop, out=output.text)
+        # still under the handlers: a signal now must not cut the object in half
+        return output.emit("backfill", summary.as_json(), summary.exit_code)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-    return output.emit("backfill", summary.as_json(), summary.exit_code)
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:

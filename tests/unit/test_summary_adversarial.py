@@ -7,10 +7,12 @@ command (``fileserver.cli.main``: parser, settings, exit status) runs without se
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,3 +124,34 @@ def test_a_json_file_that_fails_at_the_end_keeps_the_summary_and_fails(
         "cannot write the --json summary" in x and str(where / "s.json") in x
         for x in captured.err.splitlines()
     )
+
+
+class _SignalOnWrite(io.StringIO):
+    """stdout whose every write first sends the process ``sig`` (a Ctrl-C, a SIGTERM
+    from the orchestrator, arriving while the summary is written)."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__()
+        self.sig = sig
+
+    def write(self, s: str) -> int:
+        os.kill(os.getpid(), self.sig)
+        return super().write(s)
+
+
+def test_a_signal_while_backfill_writes_its_summary_does_not_cut_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found: the signal handlers were removed before the object was written, so a Ctrl-C
+    then raised KeyboardInterrupt in the middle of it (exit status 130 and no object, or
+    half of one), and a SIGTERM killed the process there (Python's default action)."""
+    _fake_runs(monkeypatch)
+    stdout = _SignalOnWrite(signal.SIGINT)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        status = cli.main(["--log-format", "text", "backfill", "--json"])
+    except KeyboardInterrupt:  # pytest would stop the session
+        pytest.fail("KeyboardInterrupt escaped")
+    assert status == exits.OK
+    doc = json.loads(stdout.getvalue())
+    assert (doc["command"], doc["exit_status"]) == ("backfill", 0)
