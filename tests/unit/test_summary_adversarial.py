@@ -7,6 +7,7 @@ command (``fileserver.cli.main``: parser, settings, exit status) runs without se
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 from fileserver import cli, exits, reconcile, redrive
 from fileserver.backfill import Kind, PartitionRange, Plan, Summary
 from fileserver.backfill import command as backfill_command
+from fileserver.errors import DependencyUnavailable
 
 VERBS = ["backfill", "redrive", "reconcile"]
 
@@ -155,3 +157,83 @@ def test_a_signal_while_backfill_writes_its_summary_does_not_cut_it(
     assert status == exits.OK
     doc = json.loads(stdout.getvalue())
     assert (doc["command"], doc["exit_status"]) == ("backfill", 0)
+
+
+# --- the exits that print no summary ------------------------------------------------
+
+
+def _json_section() -> str:
+    text = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    start = text.index("### JSON summaries")
+    end = text.find("\n#", start + 1)
+    return " ".join(text[start : end if end > 0 else None].split())
+
+
+def _failing_runs(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Replace redrive's and reconcile's runs by ones that print their first text and
+    then are interrupted (Ctrl-C) or lose the database."""
+
+    async def fail(out: Any) -> Any:
+        print("3 dead letters selected", file=out, flush=True)
+        if how == "interrupted":
+            os.kill(os.getpid(), signal.SIGINT)  # asyncio.run's own Ctrl-C handling
+            await asyncio.sleep(10)
+        raise DependencyUnavailable("postgres", "connection refused")
+
+    async def run_redrive(settings: Any, where: Any, **kwargs: Any) -> Any:
+        return await fail(kwargs.get("out"))
+
+    async def run_reconcile(settings: Any, **kwargs: Any) -> Any:
+        return await fail(sys.stderr)  # its progress line
+
+    monkeypatch.setattr(redrive, "run_redrive", run_redrive)
+    monkeypatch.setattr(reconcile, "reconcile", run_reconcile)
+
+
+@pytest.mark.parametrize(
+    ("how", "status"), [("interrupted", exits.INTERRUPTED), ("outage", exits.UNREACHABLE)]
+)
+@pytest.mark.parametrize("verb", ["redrive", "reconcile"])
+def test_redrive_and_reconcile_stopped_during_their_run_print_no_summary(
+    verb: str,
+    how: str,
+    status: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Unlike backfill, they have no partial summary: stdout stays empty (``jq`` reads
+    nothing, no parse error), a FILE is not written, and docs/operations.md says so."""
+    _failing_runs(monkeypatch, how)
+    try:
+        assert cli.main(["--log-format", "text", verb, "--json"]) == status
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        path = tmp_path / "s.json"
+        assert cli.main(["--log-format", "text", verb, "--json", str(path)]) == status
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped")
+    assert not path.exists()
+    section = _json_section()
+    assert "redrive and reconcile print none when they are interrupted" in section
+    assert "a second Ctrl-C or SIGTERM (it aborts at once" in section
+
+
+def test_a_second_ctrl_c_aborts_backfill_without_a_summary(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def run_backfill(settings: Any, options: Any, **kwargs: Any) -> Summary:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: the run is asked to stop
+        await kwargs["stop"].wait()
+        os.kill(os.getpid(), signal.SIGINT)  # the second: Python's KeyboardInterrupt
+        await asyncio.sleep(10)
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(backfill_command, "run_backfill", run_backfill)
+    try:
+        status = cli.main(["--log-format", "text", "backfill", "--json"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped")
+    captured = capsys.readouterr()
+    assert (status, captured.out) == (exits.INTERRUPTED, "")
+    assert "SIGINT: stopping (again to abort at once)" in captured.err
