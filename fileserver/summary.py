@@ -67,6 +67,8 @@ class Output:
         self.json_path = json_path
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        #: the exit status :meth:`emit` returned (and printed), once it has
+        self.emitted: int | None = None
 
     @property
     def text(self) -> TextIO:
@@ -78,11 +80,13 @@ class Output:
         the command ends with: ``exit_status``, or 1 instead of 0 when FILE could not be
         written (the object, with that status, is then written on stderr)."""
         if self.json_path is None:
+            self.emitted = exit_status
             return exit_status
         doc = _dumps(document(command, body, exit_status))
         if self.json_path == STDOUT:
             self.out.write(doc)
             self.out.flush()
+            self.emitted = exit_status
             return exit_status
         try:
             with open(self.json_path, "w", encoding="utf-8") as f:
@@ -97,7 +101,9 @@ class Output:
             )
             self.err.write(_dumps(document(command, body, status)))
             self.err.flush()
+            self.emitted = status
             return status
+        self.emitted = exit_status
         return exit_status
 
 

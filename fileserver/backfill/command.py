@@ -321,4 +321,12 @@ async def _main(settings: Settings, options: BackfillOptions, output: Output) ->
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """``fileserver backfill``: returns the exit status (0, 1, 4 or 130; see :class:`Summary`)."""
     options = BackfillOptions.from_args(args)
-    return asyncio.run(_main(settings, options, Output(args.json)))
+    output = Output(args.json)
+    try:
+        return asyncio.run(_main(settings, options, output))
+    except KeyboardInterrupt:
+        # after the summary, asyncio.run still joins the default executor's threads (an
+        # abandoned event's analysis): a Ctrl-C then does not belie the printed status
+        if output.emitted is None:
+            raise
+        return output.emitted

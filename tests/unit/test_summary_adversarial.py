@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -237,3 +238,27 @@ def test_a_second_ctrl_c_aborts_backfill_without_a_summary(
     captured = capsys.readouterr()
     assert (status, captured.out) == (exits.INTERRUPTED, "")
     assert "SIGINT: stopping (again to abort at once)" in captured.err
+
+
+def test_a_ctrl_c_after_backfill_printed_its_summary_keeps_its_exit_status(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found: after the object was printed, asyncio.run still waits for the threads of
+    the default executor (an abandoned event's analysis runs in one); a Ctrl-C then was a
+    KeyboardInterrupt and the process exited 130 under an object that said 0."""
+
+    def late_ctrl_c() -> None:
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    async def run_backfill(settings: Any, options: Any, **kwargs: Any) -> Summary:
+        asyncio.get_running_loop().run_in_executor(None, late_ctrl_c)  # still running
+        return Summary(None, False, Counter(), 0.1)
+
+    monkeypatch.setattr(backfill_command, "run_backfill", run_backfill)
+    try:
+        status = cli.main(["--log-format", "text", "backfill", "--json"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped")
+    doc = json.loads(capsys.readouterr().out)
+    assert status == doc["exit_status"] == exits.OK
