@@ -198,6 +198,7 @@ def _env_choice(name: str, choices: Sequence[str], default: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fileserver`` console script; returns the exit status."""
+    _no_closed_streams()
     args = build_parser().parse_args(argv)
     log_format: str = args.log_format or _env_choice(
         "FILESERVER_LOG_FORMAT", logs.LOG_FORMATS, "auto"
@@ -232,6 +233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fileserver %s failed: %s: %s", args.command, type(exc).__name__, exc, exc_info=True
         )
         return exits.INCOMPLETE
+
+
+def _no_closed_streams() -> None:
+    """A stream closed by the caller (``2>&-``) is ``None`` in :mod:`sys`: ``print(...,
+    file=None)`` would write stderr's text on stdout (before a ``--json`` object), and
+    ``None.isatty()`` fails. Such a stream becomes the null device."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
 
 
 def _fatal(exc: Exception, json_lines: bool, settings: Settings | None) -> int:

@@ -262,3 +262,29 @@ def test_a_ctrl_c_after_backfill_printed_its_summary_keeps_its_exit_status(
         pytest.fail("KeyboardInterrupt escaped")
     doc = json.loads(capsys.readouterr().out)
     assert status == doc["exit_status"] == exits.OK
+
+
+@pytest.mark.parametrize("verb", ["redrive", "reconcile"])
+def test_a_closed_stderr_sends_nothing_to_stdout_but_the_object(
+    verb: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found: with stderr closed (``2>&-``, a daemon's), Python's ``sys.stderr`` is None:
+    ``print(text, file=None)`` wrote the text on stdout before the object (redrive), and
+    reconcile's progress line failed on ``None.isatty()`` (exit status 1, no object)."""
+
+    async def run_redrive(settings: Any, where: Any, **kwargs: Any) -> redrive.Report:
+        print("0 dead letters selected", file=kwargs["out"])  # as run_redrive does
+        return redrive.Report(dry_run=False)
+
+    async def run_reconcile(settings: Any, **kwargs: Any) -> reconcile.Report:
+        return reconcile.Report(bucket="b", repair=False)
+
+    monkeypatch.setattr(redrive, "run_redrive", run_redrive)
+    monkeypatch.setattr(reconcile, "reconcile", run_reconcile)
+    monkeypatch.setattr(sys, "stderr", None)
+    status = cli.main(["--log-format", "text", verb, "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert status == doc["exit_status"] == exits.OK
+
+    monkeypatch.setattr(sys, "stdout", None)  # `>&-`: the object is lost, not the status
+    assert cli.main(["--log-format", "text", verb, "--json"]) == exits.OK
