@@ -43,7 +43,7 @@ class BackfillOptions:
             raise ConfigError("--dry-run only counts: it cannot be combined with --verify")
         if self.progress not in ("auto", "bar", "log", "none"):
             raise ConfigError("--progress must be auto, bar, log or none")
-        if self.log_interval_s <= 0 or self.batch_size < 1:
+        if not self.log_interval_s > 0 or self.batch_size < 1:  # NaN is not > 0 either
             raise ConfigError("--log-interval and the batch size must be positive")
 
     @classmethod

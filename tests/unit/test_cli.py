@@ -341,3 +341,10 @@ def test_redrive_dry_run_touches_postgres_only(
     monkeypatch.setattr(fileserver.runtime, "make_producer", no_kafka)
     assert cli.main(["--log-format", "text", "redrive", "--dry-run"]) == exits.UNREACHABLE
     assert "FILESERVER_DATABASE_URL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, float("nan")])
+def test_backfill_refuses_a_log_interval_that_is_not_positive(interval: float) -> None:
+    """NaN passed ``<= 0``: the progress log would have fired in a tight loop."""
+    with pytest.raises(ConfigError, match="--log-interval"):
+        backfill.BackfillOptions(log_interval_s=interval).validate()
