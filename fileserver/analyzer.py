@@ -3,27 +3,103 @@
 Kept apart from :mod:`fileserver.analysis` (pure CPU work on bytes) because this is the
 part with a lifecycle: where the decoding runs, how many at once, and how a burst that
 cannot be analysed still becomes a row.
+
+Where: in ``FILESERVER_ANALYSIS_PROCESSES`` long-lived child processes (default 1,
+:mod:`fileserver.analysis_child`), out of the worker's GIL. In a thread of the worker the
+decoder's Python read callbacks each waited for the GIL behind the busy event loop (up
+to the 5 ms switch interval: ``python -m bench.analysis_gil`` measured ~1,800 decodes/s
+beside an idle main thread, ~6 beside a busy one), and the worker did ~250 events/s with
+the analysis on against ~800 with it off. ``0`` keeps the old mode, one analysis at a
+time in a thread of the worker (for tests and platforms that forbid subprocesses).
+
+The children (:class:`_Child`) never fail an event and never hang one:
+
+* each gets up to :data:`PIPELINE_DEPTH` requests at once, in order, so it never idles
+  waiting for the worker's busy event loop to send the next one; a request goes to the
+  child with the shortest queue; at most ``processes * PIPELINE_DEPTH`` are in flight;
+* a child that dies (killed, a crash, the OOM killer) fails the request at the head of
+  its queue, the one it was working on (stored with ``NULL`` analysis columns, logged with
+  the exit status or signal); the others go to a fresh child;
+* a child whose head request takes longer than the deadline (:func:`deadline_for`:
+  30 s + 50 ms per second of ``max_seconds``, 60 s at the default 600; an analysis takes
+  ~0.5 ms of CPU per second of audio, so this is only ever a decoder that hangs) is
+  killed and treated the same;
+* children that cannot start (the exec fails, or two in a row end before their first
+  reply) are retried after a backoff doubling from :data:`RESTART_BACKOFF_S` to
+  :data:`RESTART_BACKOFF_MAX_S`; meanwhile analyses fail at once (one ERROR line naming
+  ``FILESERVER_ANALYSIS_PROCESSES`` per attempt), never waiting and never raising;
+* a cancelled :meth:`Analyzer.run` (the worker fences events on a rebalance) leaves its
+  request queued: the child answers it and the late reply is dropped, so the replies
+  stay in step with the requests;
+* they start with the first analysis (a child costs ~0.25 s of CPU and ~37 MB to start:
+  nothing is spent by commands that never analyse); :meth:`Analyzer.aclose` (on the
+  runtime's exit stack) closes their stdin, waits up to :data:`CLOSE_WAIT_S`, then kills
+  them. A worker that is killed leaves none behind either: a child ends when its stdin
+  closes and, on Linux, is killed with its parent (``PR_SET_PDEATHSIG``).
+
+Their CPU is each reply's ``cpu_s`` (the child's ``process_time`` for that analysis),
+counted in ``fileserver_analysis_cpu_seconds_total`` like the thread's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import os
+import signal
+import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fileserver
 from fileserver.analysis import Analysis, AnalysisConfig, AnalysisError, analyse
+from fileserver.analysis_child import (
+    PREFIX,
+    FrameError,
+    Reply,
+    Request,
+    decode_reply,
+    encode_request,
+    frame_lengths,
+)
 
 log = logging.getLogger(__name__)
 
+#: Requests sent to one child before its first reply: enough that it always has the next
+#: one in its pipe while the worker's event loop is busy (a 9 KB burst takes ~1.5 ms).
+PIPELINE_DEPTH = 4
+#: The first wait before starting a child again after two in a row ended before their
+#: first reply (or the exec failed); doubled each time up to :data:`RESTART_BACKOFF_MAX_S`.
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 60.0
+#: How long :meth:`Analyzer.aclose` lets the children finish before it kills them.
+CLOSE_WAIT_S = 2.0
+#: How long a child whose stdout ended may take to exit before it is killed (its exit
+#: status is what the log line reports).
+EXIT_WAIT_S = 1.0
+SETTING = "FILESERVER_ANALYSIS_PROCESSES"
+
+
+def deadline_for(max_seconds: float) -> float:
+    """How long one analysis may take in a child before the child is killed: 30 s (a
+    child's start-up and a starved machine) plus 50 ms per second of audio it may decode,
+    100x the measured ~0.5 ms."""
+    return 30.0 + max_seconds / 20.0
+
 
 class Analyzer:
-    """Runs :func:`analyse` for the pipeline: off the event loop, at most ``threads`` at
-    once (each burst costs CPU, not I/O: more would only take the event loop's core),
-    never failing the event.
+    """Runs :func:`analyse` for the pipeline off the event loop, never failing the event:
+    in ``processes`` child processes (see the module's docstring), or with
+    ``processes=0`` one at a time in a thread of this process.
 
+    ``processes`` defaults to 0 here: children need :meth:`aclose`, which the runtime
+    calls (:meth:`from_settings`, ``FILESERVER_ANALYSIS_PROCESSES``, defaults to 1).
     ``enabled=False``: nothing is decoded and every burst's analysis is ``None``.
     """
 
@@ -33,13 +109,18 @@ class Analyzer:
         *,
         enabled: bool = True,
         max_bytes: int = 4 * 1024 * 1024,
-        threads: int = 2,
+        processes: int = 0,
+        deadline_s: float | None = None,
     ) -> None:
         self.config = config or AnalysisConfig()
         self.enabled = enabled
         self.max_bytes = max_bytes
-        self.threads = max(1, threads)
-        self._slots: asyncio.Semaphore | None = None
+        self.processes = max(0, processes)
+        self.deadline_s = (
+            deadline_for(self.config.max_seconds) if deadline_s is None else deadline_s
+        )
+        self._pool = _Pool(self.processes, self.config, self.deadline_s) if self.processes else None
+        self._thread: asyncio.Semaphore | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> Analyzer:
@@ -56,14 +137,15 @@ class Analyzer:
             ),
             enabled=s.analysis_enabled,
             max_bytes=s.analysis_max_bytes,
-            threads=s.analysis_threads,
+            processes=s.analysis_processes,
         )
 
     async def run(
         self, content: bytes | Path, size: int, what: str, *, expected_ms: int | None = None
     ) -> Outcome:
         """Analyse one downloaded recording (``what`` names it in messages; ``expected_ms``
-        is the probe's duration, see :func:`analyse`)."""
+        is the probe's duration, see :func:`analyse`). Never raises but
+        :class:`asyncio.CancelledError`."""
         if not self.enabled:
             return Outcome("disabled")
         if size > self.max_bytes:
@@ -74,15 +156,27 @@ class Analyzer:
                 self.max_bytes,
             )
             return Outcome("skipped_size")
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.threads)
-        async with self._slots:
+        if self._pool is not None:
+            return await self._pool.analyse(content, what, expected_ms)
+        if self._thread is None:
+            self._thread = asyncio.Semaphore(1)
+        async with self._thread:
             try:
                 analysis, cpu = await asyncio.to_thread(_timed, content, self.config, expected_ms)
             except AnalysisError as exc:
                 log.warning("analysis failed for %s: %s (stored without it)", what, exc)
                 return Outcome("failed")
         return Outcome("analysed", analysis, cpu)
+
+    def pids(self) -> list[int]:
+        """The running children's process ids."""
+        return [] if self._pool is None else self._pool.pids()
+
+    async def aclose(self) -> None:
+        """Stop the children (their stdin closed, :data:`CLOSE_WAIT_S` to end, then
+        killed); analyses asked for afterwards fail. Safe to call twice."""
+        if self._pool is not None:
+            await self._pool.aclose()
 
 
 @dataclass(frozen=True)
@@ -105,3 +199,353 @@ def _timed(
     started = time.thread_time()
     analysis = analyse(content, config, expected_ms=expected_ms)
     return analysis, time.thread_time() - started
+
+
+# ------------------------------------------------------------------- child processes
+
+
+def child_command() -> list[str]:
+    """How a child is started: this interpreter, ``-P`` (not the working directory's
+    packages: the ones of this process, see :func:`child_env`), and this pid."""
+    return [sys.executable, "-P", "-m", "fileserver.analysis_child", str(os.getpid())]
+
+
+def child_env() -> dict[str, str]:
+    """This environment with the directory this process's ``fileserver`` came from first
+    on ``PYTHONPATH``: the child runs the same code (a worktree's, a wheel's)."""
+    root = str(Path(fileserver.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+class _NoChild(Exception):
+    """No child can take the request now (backing off, the exec failed, closed)."""
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One request in a child's queue, and its waiter (possibly gone: cancelled)."""
+
+    request: Request
+    what: str
+    future: asyncio.Future[Reply]
+    release: Callable[[], None]
+    started: float = 0.0  # loop time it was sent, or became the head of its queue
+    queued: bool = False
+    done: bool = False
+    logged: bool = False  # the pool logged its failure already
+
+    def finish(self, reply: Reply | None, *, logged: bool = False) -> None:
+        """Leave the pool: free its slot and hand the waiter ``reply`` (once)."""
+        if self.done:
+            return
+        self.done = True
+        self.logged = logged
+        self.release()
+        if reply is not None and not self.future.done():
+            self.future.set_result(reply)
+
+    def fail(self, error: str, *, logged: bool = True) -> None:
+        self.finish(Reply(self.request.id, error=error), logged=logged)
+
+
+class _Pool:
+    """The children, and the bound on requests in flight across them."""
+
+    def __init__(self, processes: int, config: AnalysisConfig, deadline_s: float) -> None:
+        self.config = config
+        self.deadline_s = deadline_s
+        self.children = [_Child(self) for _ in range(processes)]
+        self.ids = itertools.count()
+        self.closed = False
+        self._slots: asyncio.Semaphore | None = None
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.children if c.proc is not None]
+
+    async def analyse(self, content: bytes | Path, what: str, expected_ms: int | None) -> Outcome:
+        if self.closed:
+            log.warning("analysis failed for %s: the analyzer is closed", what)
+            return Outcome("failed")
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(len(self.children) * PIPELINE_DEPTH)
+        slots = self._slots
+        await slots.acquire()
+        request = Request(next(self.ids), self.config, content, expected_ms)
+        future = asyncio.get_running_loop().create_future()
+        entry = _Entry(request, what, future, slots.release)
+        try:
+            await self._pick().submit(entry)
+            reply = await future
+        except _NoChild as exc:  # logged once by the child slot, not for every burst
+            log.debug("analysis failed for %s: %s", what, exc)
+            return Outcome("failed")
+        except asyncio.CancelledError:
+            raise  # the entry stays queued if it was: its late reply is dropped
+        except Exception:  # a bug here must not fail the event
+            log.exception("analysis failed for %s: an error of the analyzer", what)
+            return Outcome("failed")
+        finally:
+            if not entry.queued:
+                entry.finish(None)
+        if reply.analysis is None:
+            if not entry.logged:
+                log.warning("analysis failed for %s: %s (stored without it)", what, reply.error)
+            return Outcome("failed", cpu_s=reply.cpu_s)
+        return Outcome("analysed", reply.analysis, reply.cpu_s)
+
+    def _pick(self) -> _Child:
+        """The child with the shortest queue, among those not backing off if any."""
+        now = asyncio.get_running_loop().time()
+        ready = [c for c in self.children if c.retry_at <= now] or self.children
+        return min(ready, key=lambda c: len(c.queue) + c.waiting)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        procs = [c.proc for c in self.children if c.proc is not None]
+        try:
+            for proc in procs:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            if procs:
+                await asyncio.wait(
+                    [asyncio.ensure_future(p.wait()) for p in procs], timeout=CLOSE_WAIT_S
+                )
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            for child in self.children:
+                child.close()
+        tasks = [c.reader for c in self.children if c.reader is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+
+
+class _Child:
+    """One child process slot: the running process (or none yet), the requests sent to it
+    in order, and the task reading its replies."""
+
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+        self.proc: asyncio.subprocess.Process | None = None
+        self.queue: deque[_Entry] = deque()
+        self.reader: asyncio.Task[None] | None = None
+        self.starting: asyncio.Task[None] | None = None
+        self.watch: asyncio.Timeout | None = None
+        self.waiting = 0  # requests waiting for it to start (not queued yet)
+        self.answered = 0  # replies from the running process
+        self.early_deaths = 0  # children in a row that ended before their first reply
+        self.retry_at = 0.0
+
+    async def submit(self, entry: _Entry) -> None:
+        """Queue ``entry`` and send it (the child is started first if need be); raises
+        :class:`_NoChild` when none can take it."""
+        self.waiting += 1
+        try:
+            while self.proc is None:
+                await asyncio.shield(self._ensure_start())
+        finally:
+            self.waiting -= 1
+        proc = self.proc
+        self._send(proc, [entry])
+        self.queue.append(entry)
+        if proc.stdin is not None:
+            with contextlib.suppress(ConnectionError):
+                await proc.stdin.drain()
+
+    def _send(self, proc: asyncio.subprocess.Process, entries: list[_Entry]) -> None:
+        """Write ``entries`` to ``proc`` (in the order of the queue) and start the
+        deadline of the first if the queue was empty."""
+        frames = [encode_request(entry.request) for entry in entries]
+        now = asyncio.get_running_loop().time()
+        if not self.queue and entries and self.watch is not None:
+            with contextlib.suppress(RuntimeError):  # not inside the read: set there
+                self.watch.reschedule(now + self.pool.deadline_s)
+        for entry, data in zip(entries, frames, strict=True):
+            entry.started, entry.queued = now, True
+            if proc.stdin is not None:
+                proc.stdin.write(data)
+
+    def _ensure_start(self) -> asyncio.Task[None]:
+        """The start under way, or a new one (a task: a cancelled waiter does not stop
+        it half-way, and one start serves every waiter)."""
+        if self.starting is None:
+            self.starting = asyncio.create_task(self._start())
+            self.starting.add_done_callback(_retrieve)
+        return self.starting
+
+    async def _start(self) -> None:
+        """Start a process and send it what is queued (requests of a child that died)."""
+        try:
+            loop = asyncio.get_running_loop()
+            if self.pool.closed:
+                raise _NoChild("the analyzer is closed")
+            if loop.time() < self.retry_at:
+                raise _NoChild(_refused(self.retry_at - loop.time()))
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *child_command(),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    env=child_env(),
+                )
+            except OSError as exc:
+                self.early_deaths += 1
+                wait = self._back_off()
+                log.error(
+                    "analysis children cannot start: %s: %s: analyses fail (bursts stored "
+                    "without analysis) for %.0f s, then a child is tried again; %s=0 runs "
+                    "the analysis in a thread of the worker instead",
+                    sys.executable,
+                    exc,
+                    wait,
+                    SETTING,
+                )
+                raise _NoChild(f"cannot start an analysis child: {exc}") from None
+            if self.pool.closed:
+                proc.kill()
+                raise _NoChild("the analyzer is closed")
+            self.proc, self.answered = proc, 0
+            self.reader = asyncio.create_task(self._read(proc))
+            pending = list(self.queue)
+            self.queue.clear()
+            self._send(proc, pending)
+            self.queue.extend(pending)
+        except _NoChild as exc:
+            while self.queue:
+                self.queue.popleft().fail(str(exc))
+            raise
+        finally:
+            self.starting = None
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        """Read the replies of ``proc`` and hand each to the head of the queue, until it
+        dies, breaks the protocol or takes longer than the deadline on its head."""
+        assert proc.stdout is not None
+        why: str | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                head = self.queue[0] if self.queue else None
+                when = None if head is None else head.started + self.pool.deadline_s
+                try:
+                    async with asyncio.timeout_at(when) as self.watch:
+                        reply = await _read_reply(proc.stdout)
+                finally:
+                    self.watch = None
+                if not self.queue or self.queue[0].request.id != reply.id:
+                    why = f"answered request {reply.id} out of turn"
+                    break
+                self.queue.popleft().finish(reply)
+                self.answered += 1
+                self.early_deaths = 0
+                if self.queue:
+                    self.queue[0].started = loop.time()
+        except TimeoutError:
+            why = f"was killed after {self.pool.deadline_s:g} s on one analysis (the deadline)"
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # it died: its exit status says how
+        except FrameError as exc:
+            why = f"sent a bad frame ({exc}) and was killed"
+        except Exception:
+            log.exception("reading analysis child pid %d", proc.pid)
+            why = "could not be read and was killed"
+        await self._died(proc, why)
+
+    async def _died(self, proc: asyncio.subprocess.Process, why: str | None) -> None:
+        """``proc`` is gone or is killed now: its head fails, the rest go to a new one
+        (or fail too while children cannot start)."""
+        # Synchronously, before anything can be sent to a new child: the queue as it is.
+        if self.proc is proc:
+            self.proc = None
+        head = self.queue.popleft() if self.queue else None
+        for entry in [e for e in self.queue if e.future.done()]:  # their waiters are gone
+            self.queue.remove(entry)
+            entry.finish(None)
+        first_reply = self.answered == 0
+        self.early_deaths = self.early_deaths + 1 if first_reply else 0
+        wait = self._back_off() if first_reply and self.early_deaths >= 2 else 0.0
+        if self.pool.closed or wait:
+            self.close("the analyzer is closed" if self.pool.closed else _refused(wait))
+        if self.queue:
+            self._ensure_start()
+        if why is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        how = why or await _exit_status(proc)
+        if self.pool.closed:
+            if head is not None:
+                head.fail("the analyzer is closed")
+            return
+        if wait:
+            log.error(
+                "analysis children cannot start: %d in a row ended before their first reply "
+                "(the last pid %d %s; its own error is on the worker's stderr): analyses fail "
+                "(bursts stored without analysis) for %.0f s, then a child is tried again; "
+                "%s=0 runs the analysis in a thread of the worker instead",
+                self.early_deaths,
+                proc.pid,
+                how,
+                wait,
+                SETTING,
+            )
+        if head is None:
+            log.warning("analysis child pid %d %s while idle", proc.pid, how)
+        else:
+            more = f"; {len(self.queue)} queued analyses go to a new child" if self.queue else ""
+            log.warning(
+                "analysis child pid %d %s while analysing %s: stored without analysis%s",
+                proc.pid,
+                how,
+                head.what,
+                more,
+            )
+            head.fail(f"analysis child pid {proc.pid} {how}")
+
+    def _back_off(self) -> float:
+        """Start no child for a while (doubling with every failure in a row); the wait."""
+        failures = max(1, self.early_deaths - 1)
+        wait: float = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2.0 ** (failures - 1))
+        self.retry_at = asyncio.get_running_loop().time() + wait
+        return wait
+
+    def close(self, why: str = "the analyzer is closed") -> None:
+        """Fail what is queued."""
+        while self.queue:
+            self.queue.popleft().fail(why)
+
+
+def _refused(wait: float) -> str:
+    return f"analysis children cannot start: none is tried for {wait:.0f} s ({SETTING})"
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A start nobody waited for: its failure was handled (queued requests failed)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _read_reply(stdout: asyncio.StreamReader) -> Reply:
+    head, body = frame_lengths(await stdout.readexactly(PREFIX.size))
+    if body:
+        raise FrameError("a reply has no body")
+    return decode_reply(await stdout.readexactly(head))
+
+
+async def _exit_status(proc: asyncio.subprocess.Process) -> str:
+    """How ``proc`` ended, in words (killed if it has not within :data:`EXIT_WAIT_S`)."""
+    try:
+        code = await asyncio.wait_for(proc.wait(), EXIT_WAIT_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        code = await proc.wait()
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"

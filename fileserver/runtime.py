@@ -340,6 +340,7 @@ async def open_runtime(settings: Settings, *, hold: bool = True) -> AsyncIterato
             per_source_limit=settings.max_downloads_per_source,
         )
         ingestor = Ingestor.from_settings(fetcher, store, repo, settings)
+        stack.push_async_callback(ingestor.analyzer.aclose)  # its child processes
         health = Health()
         processor = Processor(
             ingestor.ingest,

@@ -164,11 +164,11 @@ class Settings:
     # Larger files are not analysed (logged; columns NULL): 4 MiB is 20+ minutes of
     # Janus' 24 kbit/s, far over any talk burst; decoding is in 3 s blocks anyway.
     analysis_max_bytes: int = 4 * 1024 * 1024
-    # Analyses running at once (threads): each is CPU only (~0.5 ms per second of audio).
-    # One: the threads share the GIL with the event loop, and a second one made the worker
-    # slower, not faster (bench/README.md: 198-214 vs 247-255 events/s, 4.0-4.2 vs 3.2-3.3
-    # ms of CPU per event, interleaved on an idle 2-core machine).
-    analysis_threads: int = 1
+    # Child processes running the analysis (fileserver.analyzer), out of the worker's GIL:
+    # in a thread the decoder waited for the GIL behind the event loop (bench/README.md).
+    # Each takes up to 4 bursts at a time; one keeps up with a worker (a burst is ~1.5 ms
+    # of CPU). 0: one analysis at a time in a thread of the worker, as before.
+    analysis_processes: int = 1
     # WebRTC VAD aggressiveness 0-3; 3 rejects the most non-speech (radio hiss, clicks).
     analysis_vad_mode: int = 3
     # A frame quieter than this is no voice (speech over a radio is -35..-10 dBFS).
@@ -281,7 +281,7 @@ class Settings:
             not_found_grace_s=get(_float, "NOT_FOUND_GRACE_S", d.not_found_grace_s),
             analysis_enabled=get(_bool, "ANALYSIS_ENABLED", d.analysis_enabled),
             analysis_max_bytes=get(_int, "ANALYSIS_MAX_BYTES", d.analysis_max_bytes, 0),
-            analysis_threads=get(_int, "ANALYSIS_THREADS", d.analysis_threads, 1),
+            analysis_processes=get(_int, "ANALYSIS_PROCESSES", d.analysis_processes, 0),
             analysis_vad_mode=get(_int, "ANALYSIS_VAD_MODE", d.analysis_vad_mode, 0),
             analysis_speech_min_dbfs=get(
                 _float, "ANALYSIS_SPEECH_MIN_DBFS", d.analysis_speech_min_dbfs, -120.0
@@ -341,6 +341,11 @@ class Settings:
             serve_presign_ttl_s=get(_int, "SERVE_PRESIGN_TTL_S", d.serve_presign_ttl_s, 1),
         )
         problems.extend(settings.problems())
+        problems.extend(
+            f"{PREFIX}{name} is no longer a setting: {instead}"
+            for name, instead in REMOVED.items()
+            if PREFIX + name in e
+        )
         return settings, problems
 
     def validate(self) -> None:
@@ -461,6 +466,15 @@ class SettingsError(ConfigError):
 NOT_SETTINGS = frozenset(
     {"WEED_BIN", "KAFKA_LIBS", "TOXIPROXY_BIN", "VERSITYGW_BIN", "S3PROXY_LIBS"}
 )
+#: Settings that were removed, refused (a configuration error, not a warning) with what
+#: to set instead: an operator who set one expects it to change something.
+REMOVED = {
+    "ANALYSIS_THREADS": (
+        "the analysis runs in child processes now; set FILESERVER_ANALYSIS_PROCESSES "
+        "(default 1; 0 = one analysis at a time in a thread of the worker, the old "
+        "FILESERVER_ANALYSIS_THREADS=1) and remove FILESERVER_ANALYSIS_THREADS"
+    ),
+}
 
 
 def env_name(field_name: str) -> str:
@@ -484,7 +498,7 @@ def unknown_variables(env: Mapping[str, str]) -> list[tuple[str, str | None]]:
         if not name.startswith(PREFIX) or name in known:
             continue
         rest = name[len(PREFIX) :]
-        if rest in NOT_SETTINGS or rest.startswith("TEST_"):
+        if rest in NOT_SETTINGS or rest in REMOVED or rest.startswith("TEST_"):
             continue
         rests = [k[len(PREFIX) :] for k in known]
         close = difflib.get_close_matches(rest, rests, n=1, cutoff=0.75)

@@ -27,7 +27,12 @@ async def test_the_analyzer_never_fails_and_says_why_it_did_not_analyse() -> Non
     assert done.result == "analysed" and done.analysis is not None and 0 < done.cpu_s < 1
 
 
-async def test_at_most_threads_analyses_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_without_processes_one_analysis_runs_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FILESERVER_ANALYSIS_PROCESSES=0: a thread of the worker, one burst at a time (a
+    second thread only took the event loop's GIL; the children are
+    tests/integration/test_analysis_children.py)."""
     import fileserver.analyzer as module
 
     running = peak = 0
@@ -44,9 +49,9 @@ async def test_at_most_threads_analyses_run_at_once(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(module, "_timed", counting)
     data = mp3(tone(5.0))
-    analyzer = Analyzer(threads=2)
+    analyzer = Analyzer(processes=0)
     await asyncio.gather(*(analyzer.run(data, len(data), "u") for _ in range(8)))
-    assert peak <= 2
+    assert peak == 1 and analyzer.pids() == []
 
 
 def test_empty_bursts_are_counted_by_group_with_a_bounded_number_of_labels() -> None:
@@ -77,7 +82,7 @@ def test_the_settings_build_the_analyzer_and_reject_nonsense() -> None:
             "FILESERVER_NOT_FOUND_GRACE_S": "10",
             "FILESERVER_ANALYSIS_ENABLED": "false",
             "FILESERVER_ANALYSIS_MAX_BYTES": "1000",
-            "FILESERVER_ANALYSIS_THREADS": "3",
+            "FILESERVER_ANALYSIS_PROCESSES": "3",
             "FILESERVER_ANALYSIS_VAD_MODE": "1",
             "FILESERVER_ANALYSIS_SPEECH_MIN_DBFS": "-40",
             "FILESERVER_ANALYSIS_SPEECH_SNR_DB": "6",
@@ -87,12 +92,27 @@ def test_the_settings_build_the_analyzer_and_reject_nonsense() -> None:
     )
     assert s.not_found_grace_s == 10
     a = Analyzer.from_settings(s)
-    assert (a.enabled, a.max_bytes, a.threads) == (False, 1000, 3)
+    assert (a.enabled, a.max_bytes, a.processes) == (False, 1000, 3)
     assert a.config == AnalysisConfig(
         vad_mode=1, min_dbfs=-40, snr_db=6, min_speech_ms=500, clip_dbfs=-0.5, max_seconds=600
     )
     defaults = Analyzer.from_settings(Settings())
     assert defaults.enabled and defaults.config == AnalysisConfig()
+    assert (defaults.processes, defaults.deadline_s) == (1, 60.0)
+    assert Settings.from_env({"FILESERVER_ANALYSIS_PROCESSES": "0"}).analysis_processes == 0
     for name, value in (("ANALYSIS_VAD_MODE", "4"), ("ANALYSIS_CLIP_DBFS", "1")):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({f"FILESERVER_{name}": value})
+
+
+def test_the_removed_threads_setting_is_refused_naming_its_replacement() -> None:
+    """FILESERVER_ANALYSIS_THREADS meant threads of the worker; the analysis runs in child
+    processes now. Set, it stops the start (exit status 2) rather than being ignored, and
+    it is not also reported as an unknown variable."""
+    from fileserver.settings import unknown_variables
+
+    env = {"FILESERVER_ANALYSIS_THREADS": "1"}
+    with pytest.raises(ConfigError, match="FILESERVER_ANALYSIS_PROCESSES") as raised:
+        Settings.from_env(env)
+    assert "FILESERVER_ANALYSIS_THREADS is no longer a setting" in str(raised.value)
+    assert unknown_variables(env) == []
