@@ -15,7 +15,7 @@ from fileserver.analysis import (
     FLOOR_DBFS,
     AnalysisConfig,
     AnalysisError,
-    _bridge,
+    _bridged,
     analyse,
 )
 
@@ -122,4 +122,8 @@ def test_what_is_not_mpeg_audio_is_an_analysis_error() -> None:
 
 def test_short_gaps_inside_speech_are_bridged() -> None:
     speech = np.array([1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1], dtype=bool)
-    assert _bridge(speech, 7).tolist() == [True] * 4 + [False] * 8 + [True]
+    # [True] * 4 + [False] * 8 + [True]: the 2-frame gap is speech, the 8-frame one is not
+    assert _bridged(np.flatnonzero(speech), 7) == 5
+    assert _bridged(np.flatnonzero(speech), 8) == 13
+    assert _bridged(np.array([3]), 7) == 1
+    assert _bridged(np.array([], dtype=int), 7) == 0
