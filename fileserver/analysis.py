@@ -9,8 +9,8 @@ How (all on the burst decoded to 16 kHz mono 16-bit, what Janus records, the for
 the VAD takes; another rate or stereo is resampled/down-mixed by the decoder):
 
 * decoded by miniaudio (dr_mp3) in blocks of :data:`BLOCK_FRAMES` samples, so the memory
-  held is at most :data:`PENDING_BLOCKS` + 1 blocks (~480 KB) plus a few numbers per
-  30 ms frame, whatever the burst's length; decoding stops after ``max_seconds``. The
+  held is at most :data:`PENDING_BLOCKS` + 1 blocks (97 KB each) plus a few numbers
+  per 30 ms frame, whatever the burst's length; decoding stops after ``max_seconds``. The
   decoder reads the recording in C (:func:`_blocks`): no Python callback runs inside a
   decode, and another thread may hold the GIL meanwhile;
 * peak and RMS level of the whole burst in dBFS (0 dBFS = full scale; digital silence
@@ -226,6 +226,7 @@ def analyse(
     sums: list[Any] = []  # per-frame sums of squares, one array per block
     voiced: list[Any] = []  # the VAD's decisions, one array per block decided
     pending: list[Any] = []  # blocks of frames the VAD has not seen yet
+    waiting = 0  # frames in them
     for x in _blocks(content, max_samples):
         total += len(x)
         top = max(int(x.max()), -int(x.min()))  # in Python ints: -(-32768) fits
@@ -245,8 +246,10 @@ def analyse(
             sum_squares += int(np.dot(tail, tail))
         sums.append(frame_sums)
         pending.append(frames)
-        if len(pending) > PENDING_BLOCKS:  # memory stays bounded: decide the oldest now
+        waiting += len(frames)
+        if waiting > PENDING_BLOCKS * BLOCK_FRAMES // FRAME:  # bounded: decide the oldest
             oldest = pending.pop(0)
+            waiting -= len(oldest)
             voiced.append(vad.decide(oldest, len(oldest)))
     if total == 0:
         raise AnalysisError("no audio decoded")
@@ -267,7 +270,7 @@ def analyse(
         where = np.flatnonzero(loud)
         if len(where):  # the VAD sees every frame in order up to the last loud one
             end = int(where[-1]) + 1
-            decided = len(power) - sum(len(frames) for frames in pending)
+            decided = len(power) - waiting
             for frames in pending:
                 if decided >= end:
                     break

@@ -13,6 +13,7 @@ fails and says so (it does not skip: a CI without them would never check the ana
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from fileserver.analysis import Analysis, analyse
+from tests.unit.analysis_reference import load_reference
+from tests.unit.test_analysis_reference import REFERENCE_COMMIT
 
 TOOLS = ("espeak-ng", "sox", "ffmpeg")
 INSTALL = "apt-get install -y espeak-ng sox ffmpeg"
@@ -223,3 +226,17 @@ def test_the_measures_match_what_was_made(corpus: list[tuple[Clip, Analysis]]) -
         if analysis.empty:
             assert analysis.speech_ratio == 0.0, name
             assert analysis.leading_silence_ms == analysis.decoded_ms, name
+
+
+def test_every_measure_is_the_one_before_the_decode_moved_into_c(
+    corpus: list[tuple[Clip, Analysis]],
+) -> None:
+    """Field by field, floats exactly, against fileserver/analysis.py at
+    tests/unit/test_analysis_reference.py's REFERENCE_COMMIT (from git), also read from
+    the spooled file."""
+    reference = load_reference(REFERENCE_COMMIT)
+    for clip, analysis in corpus:
+        data = clip.path.read_bytes()
+        expected = dataclasses.astuple(reference.analyse(data))
+        assert dataclasses.astuple(analysis) == expected, (clip.name, REFERENCE_COMMIT)
+        assert dataclasses.astuple(analyse(clip.path)) == expected, clip.name

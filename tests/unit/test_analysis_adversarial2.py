@@ -16,7 +16,6 @@ analysis now refuses a decode that stopped far short of the probe's duration.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import struct
@@ -33,6 +32,7 @@ import pytest
 from fileserver.analysis import AnalysisConfig, AnalysisError, analyse
 from fileserver.probe import check_duration, probe_bytes
 from fileserver.settings import Settings
+from tests.unit.analysis_reference import load_reference
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_COMMIT = "d0a834b"  # the last fileserver/analysis.py before the speed-up
@@ -118,21 +118,7 @@ def mono_then_stereo() -> bytes:
 @pytest.fixture(scope="module")
 def reference() -> ModuleType:
     """fileserver/analysis.py as of :data:`REFERENCE_COMMIT`, as a module."""
-    try:
-        source = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{REFERENCE_COMMIT}:fileserver/analysis.py"],
-            check=True,
-            capture_output=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.fail(f"the reference implementation {REFERENCE_COMMIT} is not in git here: {exc}")
-    name = "_analysis_before_one_call_decode"
-    spec = importlib.util.spec_from_loader(name, loader=None)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(source, f"{REFERENCE_COMMIT}:fileserver/analysis.py", "exec"), module.__dict__)
-    return module
+    return load_reference(REFERENCE_COMMIT)
 
 
 def outcome(analyse_fn: object, data: bytes, config: object = None) -> tuple[object, ...]:
