@@ -190,6 +190,41 @@ class Proc:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def descendants(self) -> list[Proc]:
+        """The processes below this one now (the worker's analysis children)."""
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        out: list[Proc] = []
+        below = {self.pid}
+        for pid, ppid in sorted(parents.items()):
+            if ppid in below:
+                below.add(pid)
+                out.append(Proc(pid))
+        return out
+
+    def peak_kb(self) -> int:
+        """Peak RSS (VmHWM); 0 once the process has ended."""
+        try:
+            return self.status_kb("VmHWM")
+        except OSError:
+            return 0
+
+    def tree_cpu_s(self) -> float:
+        """CPU of this process, of its live descendants and of the ended ones it reaped
+        (cutime + cstime): the worker's analysis children count as the worker's CPU."""
+        total = 0.0
+        for proc in [self, *self.descendants()]:
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile: in its parent's cutime once reaped
+                continue
+            total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def main_thread_cpu_s(self) -> float:
         path = Path(f"/proc/{self.pid}/task/{self.pid}/stat")
         fields = path.read_text().rsplit(")", 1)[1].split()
@@ -326,10 +361,11 @@ def run_stream(
                 conn.execute(text("TRUNCATE recordings"))
                 conn.commit()
             stats = [Proc(p.pid) for p in procs]
-            idle0 = sum(s.cpu_s() for s in stats)
+            idle0 = sum(s.tree_cpu_s() for s in stats)
             time.sleep(2.0)
-            idle = (sum(s.cpu_s() for s in stats) - idle0) / 2.0
-            cpu0 = sum(s.cpu_s() for s in stats)
+            idle = (sum(s.tree_cpu_s() for s in stats) - idle0) / 2.0
+            cpu0 = sum(s.tree_cpu_s() for s in stats)
+            own0 = sum(s.cpu_s() for s in stats)
             box0 = box_cpu_s()
             servers = {name: Proc(pid) for name, pid in bench.server_pids().items()}
             servers0 = {name: p.cpu_s() for name, p in servers.items()}
@@ -342,12 +378,15 @@ def run_stream(
                 )
             )
             wait_rows(engine, n, timeout, procs)
-            cpu = sum(s.cpu_s() for s in stats) - cpu0
+            cpu = sum(s.tree_cpu_s() for s in stats) - cpu0
+            children_cpu = cpu - (sum(s.cpu_s() for s in stats) - own0)
             box = box_cpu_s() - box0
             server_cpu = {name: p.cpu_s() - servers0[name] for name, p in servers.items()}
             main_cpu = sum(s.main_thread_cpu_s() for s in stats) - main0
             stages1 = stage_seconds(bench.metrics_ports[-workers_count:])
             rss = max(s.status_kb("VmHWM") for s in stats) / 1024
+            children = [c for s in stats for c in s.descendants()]
+            children_rss = max((c.peak_kb() for c in children), default=0) / 1024
             with engine.connect() as conn:
                 rows = conn.execute(
                     text("SELECT source_url, extract(epoch from ingested_at) FROM recordings")
@@ -372,6 +411,11 @@ def run_stream(
         offered_rate=rate,
         extra={
             "main_thread_cpu_ms_per_event": round(main_cpu * 1000 / n, 2),
+            # in cpu_ms_per_event already; the analysis children's part of it
+            "children_cpu_ms_per_event": round(children_cpu * 1000 / n, 2),
+            # not in peak_rss_mb (the worker process's own): the largest child's, each
+            "children": len(children),
+            "children_peak_rss_mb": round(children_rss, 1),
             "box_cpu_ms_per_event": round(box * 1000 / n, 2),
             "idle_worker_cpu_percent": round(idle * 100, 1),
             "server_cpu_ms_per_event": {k: round(v * 1000 / n, 2) for k, v in server_cpu.items()},
