@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -234,6 +235,17 @@ def log_rebalances(app: faust.App, instance_id: str | None) -> None:
     app.on_partitions_revoked.connect(on_revoked)
 
 
+def freeze_heap() -> None:
+    """Move everything alive now (modules, clients, the app: ~180,000 objects that live
+    as long as the process) out of the garbage collector's sight, once the runtime is
+    built. Every full collection traversed them again: with a backlog at full load
+    that was ~0.1 ms of CPU per event (py-spy: the collector at ~19 % of the worker's
+    GIL time). Garbage now is collected first, so nothing unreachable is kept for ever.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def build_app(settings: Settings) -> FileserverApp:
     """The faust app: one topic of raw bytes, one agent, commits driven by in-order acks."""
     app = FileserverApp(
@@ -286,6 +298,7 @@ def build_app(settings: Settings) -> FileserverApp:
     @app.agent(topic, name="fileserver.ingest", concurrency=1)
     async def ingest(stream: Any) -> None:
         async with open_runtime(settings) as runtime:
+            freeze_heap()
             window = IntakeWindow(
                 runtime.processor,
                 lambda event: event.ack(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import cast
 
@@ -15,7 +16,7 @@ from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.record import SourceRecord
 from fileserver.repository import Repository
 from fileserver.retry import RetryPolicy
-from fileserver.worker import IntakeWindow
+from fileserver.worker import IntakeWindow, freeze_heap
 from tests.unit.test_processor import (
     RECORD,
     Clock,
@@ -364,3 +365,20 @@ async def test_an_offset_delivered_again_while_in_flight_is_ignored() -> None:
     fake.release(5)
     await _settle()
     assert acked == [5] and window.pending == 0
+
+
+def test_freeze_heap_collects_then_hides_what_is_alive_from_the_collector() -> None:
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    Cycle()  # unreachable: collected, not frozen for ever
+    alive = [Cycle()]
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+        assert not any(type(o) is Cycle for o in gc.get_objects())  # neither is tracked now
+        assert alive[0].me is alive[0]
+    finally:
+        gc.unfreeze()
+    assert sum(type(o) is Cycle for o in gc.get_objects()) == 1
