@@ -135,8 +135,8 @@ def _decoder_config() -> Any:
 
 def _blocks(content: bytes | Path, max_samples: int) -> Iterator[Any]:
     """The burst's first ``max_samples`` samples of 16 kHz mono, decoded as MP3 only, in
-    order, as int16 numpy arrays of whole 30 ms frames (the last may end with a partial
-    frame), at most :data:`BLOCK_FRAMES` + :data:`FRAME` samples each; each its own
+    order, as int16 numpy arrays of whole 30 ms frames (the last may end with, or be, a
+    partial frame), at most :data:`BLOCK_FRAMES` + :data:`FRAME` samples each; each its own
     memory, so a caller may keep a few.
 
     The decoder is miniaudio's (``ma_decoder``: dr_mp3, then conversion to 16 kHz mono
@@ -147,9 +147,10 @@ def _blocks(content: bytes | Path, max_samples: int) -> Iterator[Any]:
     ``StreamableSource`` (~90 read/seek callbacks per 9 KB burst, each waiting for the
     GIL: ``python -m bench.analysis_gil``). It is asked for :data:`BLOCK_FRAMES` samples
     per call, as before: where the format changes mid-file, what the converter returns
-    depends on the size of the reads. The samples are the same as the stream's, except
-    where dr_mp3 now sees the whole file instead of a 16-64 KiB window
-    (tests/unit/test_analysis_reference.py says where).
+    depends on the size of the reads. The samples are the stream's (tested against
+    fab2923: tests/unit/test_analysis_reference.py), with one intended difference: dr_mp3
+    now knows the file's length and sets a trailing ID3v1 (or APE) tag aside, where the
+    stream read it as data: before an ID3v1 tag, it lost the last MP3 frame.
 
     The decoder is told the format: left to guess, miniaudio tried WAV first, so a RIFF
     header in front of a real MP3 (which the probe skips as junk and accepts) was decoded
