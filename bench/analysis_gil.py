@@ -7,7 +7,7 @@ each; then the same for the whole analysis (:func:`fileserver.analysis.analyse`)
 gap is the GIL: each call into miniaudio releases it and must wait to take it back (the
 busy main thread keeps it for up to ``sys.getswitchinterval()``, 5 ms). The decoder
 used to stream through Python read callbacks, each waiting for it (~90 per 9 KB burst);
-it now makes ~4 calls per burst, and the VAD's calls do not release it.
+it now makes 5 (init, 3 reads, uninit), and the VAD's calls do not release it.
 """
 
 from __future__ import annotations
