@@ -18,8 +18,8 @@ message is one frame::
   ``time.process_time``) and either ``analysis`` (the :class:`Analysis` fields) or
   ``error`` (why there is none); no body.
 
-The child imports only what :func:`analyse` needs (numpy, miniaudio, webrtcvad: ~37 MB
-RSS, ~0.25 s of CPU to start, measured), never faust, SQLAlchemy or boto3. It ignores
+The child imports only what :func:`analyse` needs (numpy, miniaudio, webrtcvad: ~40 MB
+peak RSS at work, ~0.25 s of CPU to start, measured), never faust, SQLAlchemy or boto3. It ignores
 SIGINT and SIGTERM (a Ctrl-C or a signal to the process group must not kill it under a
 worker that is still draining: the worker closes its stdin and kills it when it is done
 with it) and, on Linux, asks to be killed with its parent (``PR_SET_PDEATHSIG``); a
@@ -81,10 +81,11 @@ class Reply:
 # ---------------------------------------------------------------------------- framing
 
 
-def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
-    """One frame: the prefix, ``header`` as compact JSON, ``body``."""
+def frame(header: dict[str, Any], body: bytes = b"") -> tuple[bytes, bytes]:
+    """One frame: the prefix and ``header`` as compact JSON; ``body`` (apart: a recording
+    is not copied to be sent)."""
     head = json.dumps(header, separators=(",", ":")).encode()
-    return PREFIX.pack(len(head), len(body)) + head + body
+    return PREFIX.pack(len(head), len(body)) + head, body
 
 
 def frame_lengths(prefix: bytes) -> tuple[int, int]:
@@ -109,8 +110,8 @@ def split_frame(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     return data[PREFIX.size : PREFIX.size + head], data[PREFIX.size + head : end], data[end:]
 
 
-def encode_request(request: Request) -> bytes:
-    """The frame of ``request`` (the recording inline, or its path)."""
+def encode_request(request: Request) -> tuple[bytes, bytes]:
+    """The frame of ``request`` (the recording inline, or its path): head and body."""
     header: dict[str, Any] = {
         "id": request.id,
         "config": _fields_of(request.config),
@@ -140,13 +141,13 @@ def decode_request(header: bytes, body: bytes) -> Request:
 
 
 def encode_reply(reply: Reply) -> bytes:
-    """The frame of ``reply``."""
+    """The frame of ``reply`` (it has no body)."""
     header: dict[str, Any] = {"id": reply.id, "cpu_s": reply.cpu_s}
     if reply.analysis is not None:
         header["analysis"] = _fields_of(reply.analysis)
     else:
         header["error"] = reply.error or "no analysis"
-    return frame(header)
+    return frame(header)[0]
 
 
 def decode_reply(header: bytes, body: bytes = b"") -> Reply:

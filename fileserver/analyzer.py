@@ -14,15 +14,17 @@ time in a thread of the worker (for tests and platforms that forbid subprocesses
 
 The children (:class:`_Child`) never fail an event and never hang one:
 
-* each gets up to :data:`PIPELINE_DEPTH` requests at once, in order, so it never idles
-  waiting for the worker's busy event loop to send the next one; a request goes to the
-  child with the shortest queue; at most ``processes * PIPELINE_DEPTH`` are in flight;
+* each gets up to :data:`PIPELINE_DEPTH` requests at once, answered in order, so it
+  never idles waiting for the worker's busy event loop to send the next one (a writer
+  task sends them one frame at a time: at most one is copied into the pipe's buffer); a
+  request goes to the child with the shortest queue; at most ``processes *
+  PIPELINE_DEPTH`` are in flight;
 * a child that dies (killed, a crash, the OOM killer) fails the request at the head of
   its queue, the one it was working on (stored with ``NULL`` analysis columns, logged with
   the exit status or signal); the others go to a fresh child;
 * a child whose head request takes longer than the deadline (:func:`deadline_for`:
   30 s + 50 ms per second of ``max_seconds``, 60 s at the default 600; an analysis takes
-  ~0.5 ms of CPU per second of audio, so this is only ever a decoder that hangs) is
+  ~0.2-0.5 ms of CPU per second of audio, so this is only ever a decoder that hangs) is
   killed and treated the same;
 * children that cannot start (the exec fails, or two in a row end before their first
   reply) are retried after a backoff doubling from :data:`RESTART_BACKOFF_S` to
@@ -31,7 +33,7 @@ The children (:class:`_Child`) never fail an event and never hang one:
 * a cancelled :meth:`Analyzer.run` (the worker fences events on a rebalance) leaves its
   request queued: the child answers it and the late reply is dropped, so the replies
   stay in step with the requests;
-* they start with the first analysis (a child costs ~0.25 s of CPU and ~37 MB to start:
+* they start with the first analysis (a child costs ~0.25 s of CPU to start, ~40 MB:
   nothing is spent by commands that never analyse); :meth:`Analyzer.aclose` (on the
   runtime's exit stack) closes their stdin, waits up to :data:`CLOSE_WAIT_S`, then kills
   them. A worker that is killed leaves none behind either: a child ends when its stdin
@@ -71,9 +73,14 @@ from fileserver.analysis_child import (
 
 log = logging.getLogger(__name__)
 
-#: Requests sent to one child before its first reply: enough that it always has the next
-#: one in its pipe while the worker's event loop is busy (a 9 KB burst takes ~1.5 ms).
-PIPELINE_DEPTH = 4
+#: Requests queued to one child at once. Deep, so the child always has the next one
+#: while the worker's busy event loop takes its time to read a reply and send another (a
+#: 9 KB burst is ~0.5 ms of the child's CPU, a turn of the loop at full load several ms):
+#: python -m bench --case throughput --events 8000, interleaved, on the shared machine:
+#: 4 -> 338, 323 events/s, 16 -> 228, 418, 64 -> 689, 510 (a thread of the worker: 461,
+#: 466). What it costs: a cancelled request is still analysed (64 x ~0.5 ms at most), and
+#: the queue waits behind a child that hangs until the deadline (as 4 would).
+PIPELINE_DEPTH = 64
 #: The first wait before starting a child again after two in a row ended before their
 #: first reply (or the exec failed); doubled each time up to :data:`RESTART_BACKOFF_MAX_S`.
 RESTART_BACKOFF_S = 1.0
@@ -89,7 +96,7 @@ SETTING = "FILESERVER_ANALYSIS_PROCESSES"
 def deadline_for(max_seconds: float) -> float:
     """How long one analysis may take in a child before the child is killed: 30 s (a
     child's start-up and a starved machine) plus 50 ms per second of audio it may decode,
-    100x the measured ~0.5 ms."""
+    over 100x the measured 0.2-0.5 ms."""
     return 30.0 + max_seconds / 20.0
 
 
@@ -332,7 +339,10 @@ class _Child:
         self.pool = pool
         self.proc: asyncio.subprocess.Process | None = None
         self.queue: deque[_Entry] = deque()
+        self.sent = 0  # how many of the queue's first entries went to the running process
+        self.unsent = asyncio.Event()  # wakes the writer
         self.reader: asyncio.Task[None] | None = None
+        self.writer: asyncio.Task[None] | None = None
         self.starting: asyncio.Task[None] | None = None
         self.watch: asyncio.Timeout | None = None
         self.waiting = 0  # requests waiting for it to start (not queued yet)
@@ -341,7 +351,7 @@ class _Child:
         self.retry_at = 0.0
 
     async def submit(self, entry: _Entry) -> None:
-        """Queue ``entry`` and send it (the child is started first if need be); raises
+        """Queue ``entry`` for the writer (the child is started first if need be); raises
         :class:`_NoChild` when none can take it."""
         self.waiting += 1
         try:
@@ -349,25 +359,35 @@ class _Child:
                 await asyncio.shield(self._ensure_start())
         finally:
             self.waiting -= 1
-        proc = self.proc
-        self._send(proc, [entry])
+        if not self.queue:  # it is the head: its deadline starts now
+            entry.started = asyncio.get_running_loop().time()
+            if self.watch is not None:
+                with contextlib.suppress(RuntimeError):  # the reader is not in its read
+                    self.watch.reschedule(entry.started + self.pool.deadline_s)
+        entry.queued = True
         self.queue.append(entry)
-        if proc.stdin is not None:
-            with contextlib.suppress(ConnectionError):
-                await proc.stdin.drain()
+        self.unsent.set()
 
-    def _send(self, proc: asyncio.subprocess.Process, entries: list[_Entry]) -> None:
-        """Write ``entries`` to ``proc`` (in the order of the queue) and start the
-        deadline of the first if the queue was empty."""
-        frames = [encode_request(entry.request) for entry in entries]
-        now = asyncio.get_running_loop().time()
-        if not self.queue and entries and self.watch is not None:
-            with contextlib.suppress(RuntimeError):  # not inside the read: set there
-                self.watch.reschedule(now + self.pool.deadline_s)
-        for entry, data in zip(entries, frames, strict=True):
-            entry.started, entry.queued = now, True
-            if proc.stdin is not None:
-                proc.stdin.write(data)
+    async def _write(self, proc: asyncio.subprocess.Process) -> None:
+        """Send the queue to ``proc`` in order, one frame at a time: the next is written
+        once the last has gone into the pipe, so at most one frame is held (copied) in
+        the transport's buffer whatever the queue holds (the recordings themselves are the
+        downloads', held until their events end anyway)."""
+        stdin = proc.stdin
+        assert stdin is not None
+        stdin.transport.set_write_buffer_limits(high=0)  # drain() waits for an empty buffer
+        with contextlib.suppress(ConnectionError):  # it died: the reader handles that
+            while self.proc is proc:
+                if self.sent >= len(self.queue):
+                    self.unsent.clear()
+                    await self.unsent.wait()
+                    continue
+                head, body = encode_request(self.queue[self.sent].request)
+                self.sent += 1
+                stdin.write(head)
+                if body:
+                    stdin.write(body)
+                await stdin.drain()
 
     def _ensure_start(self) -> asyncio.Task[None]:
         """The start under way, or a new one (a task: a cancelled waiter does not stop
@@ -378,7 +398,7 @@ class _Child:
         return self.starting
 
     async def _start(self) -> None:
-        """Start a process and send it what is queued (requests of a child that died)."""
+        """Start a process; the writer sends it what is queued (a dead child's requests)."""
         try:
             loop = asyncio.get_running_loop()
             if self.pool.closed:
@@ -394,26 +414,17 @@ class _Child:
                 )
             except OSError as exc:
                 self.early_deaths += 1
-                wait = self._back_off()
-                log.error(
-                    "analysis children cannot start: %s: %s: analyses fail (bursts stored "
-                    "without analysis) for %.0f s, then a child is tried again; %s=0 runs "
-                    "the analysis in a thread of the worker instead",
-                    sys.executable,
-                    exc,
-                    wait,
-                    SETTING,
-                )
+                _cannot_start(f"{sys.executable}: {exc}", self._back_off())
                 raise _NoChild(f"cannot start an analysis child: {exc}") from None
             if self.pool.closed:
                 proc.kill()
+                await proc.wait()
                 raise _NoChild("the analyzer is closed")
-            self.proc, self.answered = proc, 0
+            self.proc, self.answered, self.sent = proc, 0, 0
+            if self.queue:
+                self.queue[0].started = loop.time()
             self.reader = asyncio.create_task(self._read(proc))
-            pending = list(self.queue)
-            self.queue.clear()
-            self._send(proc, pending)
-            self.queue.extend(pending)
+            self.writer = asyncio.create_task(self._write(proc))
         except _NoChild as exc:
             while self.queue:
                 self.queue.popleft().fail(str(exc))
@@ -440,6 +451,7 @@ class _Child:
                     why = f"answered request {reply.id} out of turn"
                     break
                 self.queue.popleft().finish(reply)
+                self.sent -= 1
                 self.answered += 1
                 self.early_deaths = 0
                 if self.queue:
@@ -461,6 +473,9 @@ class _Child:
         # Synchronously, before anything can be sent to a new child: the queue as it is.
         if self.proc is proc:
             self.proc = None
+        if self.writer is not None:
+            self.writer.cancel()
+        self.sent = 0
         head = self.queue.popleft() if self.queue else None
         for entry in [e for e in self.queue if e.future.done()]:  # their waiters are gone
             self.queue.remove(entry)
@@ -481,17 +496,11 @@ class _Child:
                 head.fail("the analyzer is closed")
             return
         if wait:
-            log.error(
-                "analysis children cannot start: %d in a row ended before their first reply "
-                "(the last pid %d %s; its own error is on the worker's stderr): analyses fail "
-                "(bursts stored without analysis) for %.0f s, then a child is tried again; "
-                "%s=0 runs the analysis in a thread of the worker instead",
-                self.early_deaths,
-                proc.pid,
-                how,
-                wait,
-                SETTING,
+            cause = (
+                f"{self.early_deaths} in a row ended before their first reply, the last "
+                f"pid {proc.pid} {how}; its own error is on the worker's stderr"
             )
+            _cannot_start(cause, wait)
         if head is None:
             log.warning("analysis child pid %d %s while idle", proc.pid, how)
         else:
@@ -516,6 +525,17 @@ class _Child:
         """Fail what is queued."""
         while self.queue:
             self.queue.popleft().fail(why)
+
+
+def _cannot_start(cause: str, wait: float) -> None:
+    log.error(
+        "analysis children cannot start (%s): analyses fail (bursts stored without "
+        "analysis) for %.0f s, then a child is tried again; %s=0 runs the analysis in a "
+        "thread of the worker instead",
+        cause,
+        wait,
+        SETTING,
+    )
 
 
 def _refused(wait: float) -> str:

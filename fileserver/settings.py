@@ -164,10 +164,9 @@ class Settings:
     # Larger files are not analysed (logged; columns NULL): 4 MiB is 20+ minutes of
     # Janus' 24 kbit/s, far over any talk burst; decoding is in 3 s blocks anyway.
     analysis_max_bytes: int = 4 * 1024 * 1024
-    # Child processes running the analysis (fileserver.analyzer), out of the worker's GIL:
-    # in a thread the decoder waited for the GIL behind the event loop (bench/README.md).
-    # Each takes up to 4 bursts at a time; one keeps up with a worker (a burst is ~1.5 ms
-    # of CPU). 0: one analysis at a time in a thread of the worker, as before.
+    # Child processes running the analysis (fileserver.analyzer), out of the worker's GIL
+    # (bench/README.md). Each has up to 64 bursts queued; one is enough for a worker (a
+    # burst is ~0.5 ms of its CPU). 0: one analysis at a time in a thread of the worker.
     analysis_processes: int = 1
     # WebRTC VAD aggressiveness 0-3; 3 rejects the most non-speech (radio hiss, clicks).
     analysis_vad_mode: int = 3

@@ -102,11 +102,10 @@ DOCS: dict[str, Doc] = {
     ),
     "analysis_max_bytes": Doc("larger files are not analysed (logged, columns NULL)"),
     "analysis_processes": Doc(
-        "child processes running the analysis, out of the worker's GIL, up to 4 bursts "
-        "queued to each (CPU ~0.6 ms per second of audio: `python -m bench.analysis_speed`; "
-        "~37 MB each); `0`: one at a time in a thread of the worker (slower: it waits for "
-        "the GIL behind the event loop); replaces `FILESERVER_ANALYSIS_THREADS`, which is "
-        "now refused"
+        "child processes running the analysis, out of the worker's GIL, up to 64 bursts "
+        "queued to each (CPU ~0.2 ms per second of audio: `python -m bench.analysis_speed`; "
+        "~40 MB each); `0`: one at a time in a thread of the worker (it shares the GIL with "
+        "the event loop); replaces `FILESERVER_ANALYSIS_THREADS`, which is now refused"
     ),
     "analysis_vad_mode": Doc("WebRTC VAD aggressiveness 0\u20133"),
     "analysis_speech_min_dbfs": Doc("quieter 30 ms frames are never speech"),

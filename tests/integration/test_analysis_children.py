@@ -74,12 +74,39 @@ async def test_children_measure_what_analyse_measures(processes: int, tmp_path: 
     assert (junk.result, junk.analysis) == ("failed", None)
 
 
+async def test_large_recordings_go_through_the_pipe_one_frame_at_a_time() -> None:
+    """Frames larger than the pipe's buffer (64 KiB): the writer sends the next one only
+    once the last has gone in, and every reply still matches its request."""
+    long = [mp3(tone(s, amplitude=1000 * s, hz=300 + s)) for s in (200.0, 230.0, 260.0)]
+    assert min(len(b) for b in long) > 512 * 1024
+    bursts = [*long, *clips()] * 2
+    analyzer = Analyzer(processes=1)
+    try:
+        outcomes = await run_all(analyzer, bursts)
+    finally:
+        await analyzer.aclose()
+    assert [o.analysis for o in outcomes] == [analyse(b) for b in bursts]
+
+
+def test_the_child_imports_only_what_the_analysis_needs() -> None:
+    """Not faust, SQLAlchemy, boto3 or the HTTP clients: its start and its RSS stay small."""
+    heavy = ("faust", "sqlalchemy", "boto3", "botocore", "aiohttp", "aiokafka", "httpx")
+    code = (
+        "import sys, fileserver.analysis_child, numpy, miniaudio, webrtcvad; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
+
+
 async def test_a_killed_child_fails_its_head_only_and_the_queue_goes_to_a_new_one(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv(HANG_MARKER_ENV, HANG.decode())
     analyzer = Analyzer(processes=1)
-    bursts = clips()[: PIPELINE_DEPTH - 1]
+    bursts = clips()[:3]
     try:
         await run_all(analyzer, bursts[:1])  # started
         (pid,) = analyzer.pids()
@@ -127,7 +154,7 @@ async def test_a_child_that_hangs_is_killed_at_the_deadline(
 
 async def test_at_most_depth_bursts_are_in_flight_per_child() -> None:
     analyzer = Analyzer(processes=2)
-    bursts = clips() * 8
+    bursts = clips() * (PIPELINE_DEPTH // 2 + 8)
     peak_total = peak_one = 0
     pids: set[int] = set()
     done = False
