@@ -185,7 +185,9 @@ class ResponseParser:
         self._body_size = 0
         self._framing_mark = 0  # streamed: the overhead when the last body piece came
         self.head: Head | None = None  # streamed: the final head once complete
-        self._parser = httptools.HttpResponseParser(self)
+        # Holds this object's bound callbacks: a reference cycle, broken in _result (the
+        # response read) so the two are freed at once, not by the garbage collector.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         # Both Content-Length and Transfer-Encoding: read as chunked (RFC 9112 6.3),
         # and the connection is not kept (below). The only leniency: llhttp's header
         # leniency, which would read folded lines (obs-fold) as aiohttp does, also lets
@@ -217,8 +219,10 @@ class ResponseParser:
         if data:
             self.received_any = True
             self._fed += len(data)
+        parser = self._parser
+        assert parser is not None  # dropped only once the response is returned
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if self._error is not None:  # a callback refused the response
                 raise self._error from None
@@ -257,6 +261,7 @@ class ResponseParser:
 
     def _result(self) -> Response:
         self._returned = True
+        self._parser = None  # nothing is parsed after this (feed, feed_eof check _returned)
         return Response(
             self._status,
             self._reason,
@@ -288,6 +293,7 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # called from feed_data
         version, status = parser.get_http_version(), parser.get_status_code()
         if version not in ("1.0", "1.1"):
             raise self._fail(f"not an HTTP/1.x response: HTTP/{version}")
@@ -339,6 +345,7 @@ class ResponseParser:
         if self._in_head or self._complete:
             return  # an interim response ends, or llhttp ends a body we did not expect
         self._complete = True
+        assert self._parser is not None  # called from feed_data
         self._keep_alive = self._keep_alive and self._parser.should_keep_alive()
 
 
