@@ -326,9 +326,13 @@ class _Pool:
                         proc.kill()
             for child in self.children:
                 child.close()
-        tasks = [c.reader for c in self.children if c.reader is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+                if child.writer is not None:
+                    child.writer.cancel()
+        readers = [c.reader for c in self.children if c.reader is not None]
+        if readers:  # they see the ends and reap the children
+            _, late = await asyncio.wait(readers, timeout=CLOSE_WAIT_S)
+            for task in late:
+                task.cancel()
 
 
 class _Child:

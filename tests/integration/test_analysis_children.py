@@ -222,6 +222,9 @@ async def test_aclose_leaves_no_child_even_a_hung_one(monkeypatch: pytest.Monkey
     assert (await asyncio.wait_for(hung, 5)).result == "failed"
     assert await gone(pids)
     assert analyzer.pids() == []
+    assert analyzer._pool is not None
+    tasks = [t for c in analyzer._pool.children for t in (c.reader, c.writer) if t is not None]
+    assert len(tasks) == 4 and all(t.done() for t in tasks)  # none left pending on the loop
     data = clips()[0]
     assert (await analyzer.run(data, len(data), "after")).result == "failed"
     await analyzer.aclose()  # twice is fine
