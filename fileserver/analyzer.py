@@ -12,6 +12,13 @@ beside an idle main thread, ~6 beside a busy one), and the worker did ~250 event
 the analysis on against ~800 with it off. ``0`` keeps the old mode, one analysis at a
 time in a thread of the worker (for tests and platforms that forbid subprocesses).
 
+Measured since (bench/README.md, "The analysis in child processes"): with the decoder
+that no longer calls back into Python (``09aaa0e``) the thread stopped convoying, and one
+child beat it only by 8-22 % (570, 647 vs 530, 532 events/s, the same CPU per event), and
+only with a deep queue per child (4 queued: slower than the thread). It stays the default
+for that, for the ~20 MB of numpy and miniaudio the worker no longer loads, and because a
+decoder that crashes or hangs on a hostile file takes down a child, not the worker.
+
 The children (:class:`_Child`) never fail an event and never hang one:
 
 * each gets up to :data:`PIPELINE_DEPTH` requests at once, answered in order, so it
