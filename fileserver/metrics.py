@@ -15,8 +15,7 @@ from __future__ import annotations
 import platform
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -133,6 +132,25 @@ class Stopwatch:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+class StageTimer:
+    """The ``with`` block of :meth:`Metrics.stage`: a plain class, not a generator made
+    into a context manager (three an event)."""
+
+    __slots__ = ("_metrics", "_stage", "_started")
+
+    def __init__(self, metrics: Metrics, stage: str) -> None:
+        self._metrics = metrics
+        self._stage = stage
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.monotonic()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:  # only steps that succeed are observed
+            self._metrics.observe_stage(self._stage, time.monotonic() - self._started)
 
 
 class Metrics:
@@ -315,12 +333,9 @@ class Metrics:
     def uploaded(self, size: int) -> None:
         self.uploaded_bytes.inc(size)
 
-    @contextmanager
-    def stage(self, stage: str) -> Iterator[None]:
-        """Time a pipeline step; only steps that succeed are observed."""
-        watch = self.stopwatch()
-        yield
-        self.observe_stage(stage, watch.elapsed())
+    def stage(self, stage: str) -> StageTimer:
+        """Time a pipeline step (``with``); only steps that succeed are observed."""
+        return StageTimer(self, stage)
 
     def analysed(self, result: str, *, cpu_s: float, grp_id: int, empty: bool) -> None:
         """One burst's analysis ended with ``result`` (:data:`ANALYSIS_RESULTS`) after
