@@ -16,7 +16,11 @@ message is one frame::
   ``path``, a spooled download the child opens itself (the body is then empty);
 * a reply's header: ``id``, ``cpu_s`` (the child's CPU seconds for this analysis,
   ``time.process_time``) and either ``analysis`` (the :class:`Analysis` fields) or
-  ``error`` (why there is none); no body.
+  ``error`` (why there is none); no body;
+* before any reply, once it has imported what the analysis needs, the child says it is
+  ready: a header ``{"ready": true}``, no body (:data:`READY`). A child that ends before
+  it could not start (the worker backs off); one that ends after it was taken down by a
+  recording (the worker fails that one burst and starts another child).
 
 The child imports only what :func:`analyse` needs (numpy, miniaudio, webrtcvad: ~40 MB
 peak RSS at work, ~0.25 s of CPU to start, measured), never faust, SQLAlchemy or boto3. It ignores
@@ -51,6 +55,8 @@ MAX_BODY_BYTES = 1 << 30
 #: the worker kills it at the deadline. Nothing else reads it; ``FILESERVER_TEST_*`` is
 #: the test suite's own namespace (no setting, never warned about).
 HANG_MARKER_ENV = "FILESERVER_TEST_ANALYSIS_CHILD_HANG"
+#: The header of the frame a child sends once, before its first reply: it has started.
+READY: dict[str, Any] = {"ready": True}
 
 
 class FrameError(ValueError):
@@ -167,6 +173,12 @@ def decode_reply(header: bytes, body: bytes = b"") -> Reply:
     )
 
 
+def decode_ready(header: bytes, body: bytes = b"") -> None:
+    """Check a frame is the child's :data:`READY` (:class:`FrameError` if not)."""
+    if body or _object(header) != READY:
+        raise FrameError("a child's first frame must say it is ready")
+
+
 def _object(header: bytes) -> dict[str, Any]:
     try:
         value = json.loads(header)
@@ -278,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     import webrtcvad  # noqa: F401
 
     hang_marker = os.environ.get(HANG_MARKER_ENV, "").encode()
+    replies.write(frame(READY)[0])
+    replies.flush()
     while True:
         try:
             request = read_request(requests)

@@ -33,10 +33,15 @@ The children (:class:`_Child`) never fail an event and never hang one:
   30 s + 50 ms per second of ``max_seconds``, 60 s at the default 600; an analysis takes
   ~0.2-0.5 ms of CPU per second of audio, so this is only ever a decoder that hangs) is
   killed and treated the same;
-* children that cannot start (the exec fails, or two in a row end before their first
-  reply) are retried after a backoff doubling from :data:`RESTART_BACKOFF_S` to
+* children that cannot start (the exec fails, or two in a row end before they say they
+  are ready, :data:`fileserver.analysis_child.READY`, or :data:`REQUEST_DEATHS_MAX` ready
+  ones in a row end before their first reply: a decoder that crashes on everything) are
+  retried after a backoff doubling from :data:`RESTART_BACKOFF_S` to
   :data:`RESTART_BACKOFF_MAX_S`; meanwhile analyses fail at once (one ERROR line naming
-  ``FILESERVER_ANALYSIS_PROCESSES`` per attempt), never waiting and never raising;
+  ``FILESERVER_ANALYSIS_PROCESSES`` per attempt), never waiting and never raising. A
+  child that was ready and ended on its first analysis was taken down by that recording
+  (two such recordings in a row, the first a restarted worker sees, counted as children
+  that cannot start: every burst queued behind them failed);
 * a cancelled :meth:`Analyzer.run` (the worker fences events on a rebalance) leaves its
   request queued: the child answers it and the late reply is dropped, so the replies
   stay in step with the requests;
@@ -73,6 +78,7 @@ from fileserver.analysis_child import (
     FrameError,
     Reply,
     Request,
+    decode_ready,
     decode_reply,
     encode_request,
     frame_lengths,
@@ -88,10 +94,16 @@ log = logging.getLogger(__name__)
 #: 466). What it costs: a cancelled request is still analysed (64 x ~0.5 ms at most), and
 #: the queue waits behind a child that hangs until the deadline (as 4 would).
 PIPELINE_DEPTH = 64
-#: The first wait before starting a child again after two in a row ended before their
-#: first reply (or the exec failed); doubled each time up to :data:`RESTART_BACKOFF_MAX_S`.
+#: The first wait before starting a child again after two in a row ended before they
+#: were ready (or the exec failed); doubled each time up to :data:`RESTART_BACKOFF_MAX_S`.
 RESTART_BACKOFF_S = 1.0
 RESTART_BACKOFF_MAX_S = 60.0
+#: Ready children in a row that ended on their first analysis before the pool backs off
+#: as for children that cannot start: not two (a recording that kills the decoder is
+#: its own burst's failure, and two of them in a row failed every burst queued behind
+#: them), but a bound on the starts (~0.25 s of CPU each) of a child that crashes on
+#: every recording.
+REQUEST_DEATHS_MAX = 8
 #: How long :meth:`Analyzer.aclose` lets the children finish before it kills them.
 CLOSE_WAIT_S = 2.0
 #: How long a child whose stdout ended may take to exit before it is killed (its exit
@@ -357,8 +369,10 @@ class _Child:
         self.starting: asyncio.Task[None] | None = None
         self.watch: asyncio.Timeout | None = None
         self.waiting = 0  # requests waiting for it to start (not queued yet)
+        self.ready = False  # the running process said it is ready
         self.answered = 0  # replies from the running process
-        self.early_deaths = 0  # children in a row that ended before their first reply
+        self.early_deaths = 0  # children in a row that ended before they were ready
+        self.request_deaths = 0  # ready children in a row that ended before a reply
         self.retry_at = 0.0
 
     async def submit(self, entry: _Entry) -> None:
@@ -431,7 +445,7 @@ class _Child:
                 proc.kill()
                 await proc.wait()
                 raise _NoChild("the analyzer is closed")
-            self.proc, self.answered, self.sent = proc, 0, 0
+            self.proc, self.answered, self.sent, self.ready = proc, 0, 0, False
             if self.queue:
                 self.queue[0].started = loop.time()
             self.reader = asyncio.create_task(self._read(proc))
@@ -444,12 +458,23 @@ class _Child:
             self.starting = None
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
-        """Read the replies of ``proc`` and hand each to the head of the queue, until it
-        dies, breaks the protocol or takes longer than the deadline on its head."""
+        """Read the ready frame of ``proc`` (within the deadline), then its replies, and
+        hand each to the head of the queue, until it dies, breaks the protocol or takes
+        longer than the deadline on its head."""
         assert proc.stdout is not None
         why: str | None = None
         loop = asyncio.get_running_loop()
         try:
+            try:
+                async with asyncio.timeout(self.pool.deadline_s):
+                    decode_ready(*await _read_frame(proc.stdout))
+            except TimeoutError:
+                why = f"was not ready after {self.pool.deadline_s:g} s and was killed"
+                raise _Ended from None
+            self.ready = True
+            self.early_deaths = 0
+            if self.queue:  # the head's deadline is its analysis's, not the start's too
+                self.queue[0].started = loop.time()
             while True:
                 head = self.queue[0] if self.queue else None
                 when = None if head is None else head.started + self.pool.deadline_s
@@ -464,9 +489,11 @@ class _Child:
                 self.queue.popleft().finish(reply)
                 self.sent -= 1
                 self.answered += 1
-                self.early_deaths = 0
+                self.request_deaths = 0
                 if self.queue:
                     self.queue[0].started = loop.time()
+        except _Ended:
+            pass
         except TimeoutError:
             why = f"was killed after {self.pool.deadline_s:g} s on one analysis (the deadline)"
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -491,9 +518,12 @@ class _Child:
         for entry in [e for e in self.queue if e.future.done()]:  # their waiters are gone
             self.queue.remove(entry)
             entry.finish(None)
-        first_reply = self.answered == 0
-        self.early_deaths = self.early_deaths + 1 if first_reply else 0
-        wait = self._back_off() if first_reply and self.early_deaths >= 2 else 0.0
+        if not self.ready:
+            self.early_deaths += 1
+        elif self.answered == 0:  # a recording took it down, or it crashes on all
+            self.request_deaths += 1
+        early = self.early_deaths >= 2
+        wait = self._back_off() if early or self.request_deaths >= REQUEST_DEATHS_MAX else 0.0
         if self.pool.closed or wait:
             self.close("the analyzer is closed" if self.pool.closed else _refused(wait))
         if self.queue:
@@ -508,9 +538,11 @@ class _Child:
             return
         if wait:
             cause = (
-                f"{self.early_deaths} in a row ended before their first reply, the last "
-                f"pid {proc.pid} {how}; its own error is on the worker's stderr"
-            )
+                f"{self.early_deaths} in a row ended before they were ready"
+                if early
+                else f"{self.request_deaths} in a row ended on their first analysis"
+            ) + f", the last pid {proc.pid} {how}; its own error is on the worker's stderr"
+
             _cannot_start(cause, wait)
         if head is None:
             log.warning("analysis child pid %d %s while idle", proc.pid, how)
@@ -527,7 +559,7 @@ class _Child:
 
     def _back_off(self) -> float:
         """Start no child for a while (doubling with every failure in a row); the wait."""
-        failures = max(1, self.early_deaths - 1)
+        failures = max(1, self.early_deaths - 1, self.request_deaths - REQUEST_DEATHS_MAX + 1)
         wait: float = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2.0 ** (failures - 1))
         self.retry_at = asyncio.get_running_loop().time() + wait
         return wait
@@ -559,11 +591,20 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-async def _read_reply(stdout: asyncio.StreamReader) -> Reply:
+class _Ended(Exception):
+    """The reader stops: ``why`` is said."""
+
+
+async def _read_frame(stdout: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """A frame from a child, which never sends a body (its header, and ``b""``)."""
     head, body = frame_lengths(await stdout.readexactly(PREFIX.size))
     if body:
-        raise FrameError("a reply has no body")
-    return decode_reply(await stdout.readexactly(head))
+        raise FrameError("a child's frame has no body")
+    return await stdout.readexactly(head), b""
+
+
+async def _read_reply(stdout: asyncio.StreamReader) -> Reply:
+    return decode_reply(*await _read_frame(stdout))
 
 
 async def _exit_status(proc: asyncio.subprocess.Process) -> str:
