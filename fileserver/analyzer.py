@@ -192,6 +192,14 @@ class Analyzer:
             except AnalysisError as exc:
                 log.warning("analysis failed for %s: %s (stored without it)", what, exc)
                 return Outcome("failed")
+            except Exception as exc:  # a spool file gone, a bug: this burst only, as a child
+                log.warning(
+                    "analysis failed for %s: %s: %s (stored without it)",
+                    what,
+                    type(exc).__name__,
+                    exc,
+                )
+                return Outcome("failed")
         return Outcome("analysed", analysis, cpu)
 
     def pids(self) -> list[int]:
