@@ -235,15 +235,27 @@ def log_rebalances(app: faust.App, instance_id: str | None) -> None:
     app.on_partitions_revoked.connect(on_revoked)
 
 
+#: The collector's first threshold in the running worker (Python's default is 700).
+YOUNG_THRESHOLD = 10_000
+
+
 def freeze_heap() -> None:
     """Move everything alive now (modules, clients, the app: ~180,000 objects that live
     as long as the process) out of the garbage collector's sight, once the runtime is
     built. Every full collection traversed them again: with a backlog at full load
     that was ~0.1 ms of CPU per event (py-spy: the collector at ~19 % of the worker's
     GIL time). Garbage now is collected first, so nothing unreachable is kept for ever.
+
+    Then the youngest generation is collected after :data:`YOUNG_THRESHOLD` more
+    allocations than deallocations instead of 700. The pipeline leaves no cyclic
+    garbage (a collection at full load found next to none); the collector only walked
+    the events in flight, over and over, as they came and went: 600 collections and
+    0.06 ms of CPU per event with a backlog of 8,000, 17 and 0.014 ms at 10,000.
     """
     gc.collect()
     gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_THRESHOLD, middle, old)
 
 
 def build_app(settings: Settings) -> FileserverApp:

@@ -16,7 +16,7 @@ from fileserver.processor import DeadLetterLimit, Health, Processor
 from fileserver.record import SourceRecord
 from fileserver.repository import Repository
 from fileserver.retry import RetryPolicy
-from fileserver.worker import IntakeWindow, freeze_heap
+from fileserver.worker import YOUNG_THRESHOLD, IntakeWindow, freeze_heap
 from tests.unit.test_processor import (
     RECORD,
     Clock,
@@ -374,11 +374,14 @@ def test_freeze_heap_collects_then_hides_what_is_alive_from_the_collector() -> N
 
     Cycle()  # unreachable: collected, not frozen for ever
     alive = [Cycle()]
+    threshold = gc.get_threshold()
     try:
         freeze_heap()
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, *threshold[1:])
         assert not any(type(o) is Cycle for o in gc.get_objects())  # neither is tracked now
         assert alive[0].me is alive[0]
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
     assert sum(type(o) is Cycle for o in gc.get_objects()) == 1
