@@ -20,11 +20,12 @@ published and awaited (the consumer has joined its group and holds every partiti
 then ``--events`` events are published at once (a backlog) and awaited. Events/s is
 ``--events`` over the time from the first publish to the last row's insert time; p50/p99
 are each row's insert time minus its event's publish time (durable = the row is in
-Postgres); CPU per event is the process's utime+stime from /proc since it started
-(start-up, warm-up and the backlog, over the backlog's events) and, apart, over the
-backlog alone; peak RSS is VmHWM; ``machine_busy_cores`` is the whole machine's busy CPU
-during the backlog (/proc/stat: other sessions on the machine show there). The order of
-the peers rotates from run to run.
+Postgres); CPU per event is the process tree's utime+stime from /proc since it started
+(fileserver's analysis children included; start-up, warm-up and the backlog, over the
+backlog's events) and, apart, over the backlog alone; peak RSS is the main process's
+VmHWM, ``children_peak_rss_mb`` its children's summed; ``machine_busy_cores`` is the
+whole machine's busy CPU during the backlog (/proc/stat: other sessions on the machine
+show there). The order of the peers rotates from run to run.
 """
 
 from __future__ import annotations
@@ -340,16 +341,19 @@ def measure_backlog(
         asyncio.run(publish(stack.kafka_bootstrap, stack.topic, warm, partitions=PARTITIONS))
         wait_rows(engine, PARTITIONS, 180, procs, count_sql=count_sql)
         time.sleep(0.5)
-        cpu0 = sum(s.cpu_s() for s in stats)
+        # the process tree: fileserver's analysis children count as fileserver's CPU
+        cpu0 = sum(s.tree_cpu_s() for s in stats)
         box0, wall0 = box_cpu_s(), time.monotonic()
         values = [event(clip_url(bench.source_base, tag, i), i) for i in range(n)]
         sent = asyncio.run(
             publish(stack.kafka_bootstrap, stack.topic, values, partitions=PARTITIONS)
         )
         wait_rows(engine, PARTITIONS + n, timeout, procs, count_sql=count_sql)
-        cpu_total = sum(s.cpu_s() for s in stats)
+        cpu_total = sum(s.tree_cpu_s() for s in stats)
         box_cores = (box_cpu_s() - box0) / (time.monotonic() - wall0)
         rss = max(s.status_kb("VmHWM") for s in stats) / 1024
+        children = [c for s in stats for c in s.descendants()]
+        children_rss = sum(c.peak_kb() for c in children) / 1024
         with engine.connect() as conn:
             rows = conn.execute(
                 text(f"SELECT source_url, extract(epoch from ingested_at) FROM {table}")
@@ -373,6 +377,8 @@ def measure_backlog(
         extra={
             "steady_cpu_ms_per_event": round((cpu_total - cpu0) * 1000 / n, 3),
             "machine_busy_cores": round(box_cores, 2),
+            # not in peak_rss_mb (the main process's VmHWM): the children's peaks, summed
+            "children_peak_rss_mb": round(children_rss, 1),
         },
     )
 
