@@ -12,12 +12,11 @@ beside an idle main thread, ~6 beside a busy one), and the worker did ~250 event
 the analysis on against ~800 with it off. ``0`` keeps the old mode, one analysis at a
 time in a thread of the worker (for tests and platforms that forbid subprocesses).
 
-Measured since (bench/README.md, "The analysis in child processes"): with the decoder
-that no longer calls back into Python (``09aaa0e``) the thread stopped convoying, and one
-child beat it only by 8-22 % (570, 647 vs 530, 532 events/s, the same CPU per event), and
-only with a deep queue per child (4 queued: slower than the thread). It stays the default
-for that, for the ~20 MB of numpy and miniaudio the worker no longer loads, and because a
-decoder that crashes or hangs on a hostile file takes down a child, not the worker.
+Why children although the decoder no longer calls back into Python (the thread stopped
+convoying once it did): one child still did a little better end to end, but only with a
+deep queue per child (bench/README.md, "The analysis in child processes"); the worker no
+longer loads numpy and miniaudio (~20 MB); and a decoder that crashes or hangs on a
+hostile file takes down a child, not the worker.
 
 The children (:class:`_Child`) never fail an event and never hang one:
 
@@ -88,11 +87,10 @@ log = logging.getLogger(__name__)
 
 #: Requests queued to one child at once. Deep, so the child always has the next one
 #: while the worker's busy event loop takes its time to read a reply and send another (a
-#: 9 KB burst is ~0.5 ms of the child's CPU, a turn of the loop at full load several ms):
-#: python -m bench --case throughput --events 8000, interleaved, on the shared machine:
-#: 4 -> 338, 323 events/s, 16 -> 228, 418, 64 -> 689, 510 (a thread of the worker: 461,
-#: 466). What it costs: a cancelled request is still analysed (64 x ~0.5 ms at most), and
-#: the queue waits behind a child that hangs until the deadline (as 4 would).
+#: 9 KB burst is ~0.5 ms of the child's CPU, a turn of the loop at full load several ms;
+#: 4 and 16 measured slower than the thread, bench/README.md). What it costs: a
+#: cancelled request is still analysed (64 x ~0.5 ms at most), and the queue waits
+#: behind a child that hangs until the deadline (as 4 would).
 PIPELINE_DEPTH = 64
 #: The first wait before starting a child again after two in a row ended before they
 #: were ready (or the exec failed); doubled each time up to :data:`RESTART_BACKOFF_MAX_S`.
